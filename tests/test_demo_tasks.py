@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsvl2.demo.tasks import (COLOURS, SHAPES, box_from_999, box_to_999, generate, load_words,
-                              main, make_charts, make_grounding, make_reading, write_dataset)
+from dsvl2.demo.tasks import (COLOURS, SHAPES, box_to_999, generate, load_words, main,
+                              make_charts, make_grounding, make_reading, write_dataset)
 from dsvl2.errors import InputError
+from dsvl2.processing.grounding import Box, parse_grounding
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 N = 200
@@ -65,7 +66,9 @@ def test_grounding_constraints(grounding):
         assert m and m.group(1, 2) == (target["colour"], target["shape"])
         coords = [int(v) for v in m.group(3, 4, 5, 6)]
         assert all(0 <= v <= 999 for v in coords)
-        decoded = box_from_999(coords, w, h)
+        (parsed,) = parse_grounding(s.answer).boxes
+        assert [parsed.x1, parsed.y1, parsed.x2, parsed.y2] == coords
+        decoded = parsed.to_pixels(w, h)
         assert max(abs(d - t) for d, t in zip(decoded, s.box)) <= 1, (decoded, s.box)
 
 
@@ -88,7 +91,7 @@ def test_coordinates_round_trip_for_every_pixel():
     for side in (200, 256, 257, 333, 511, 512, 640, 767, 768, 998):
         for p in range(side):
             v = box_to_999([p, p, p, p], side, side)[0]
-            assert 0 <= v <= 999 and box_from_999([v] * 4, side, side)[0] == p
+            assert 0 <= v <= 999 and Box("", v, v, v, v).to_pixels(side, side)[0] == p
 
 
 def test_reading_constraints(words):

@@ -17,11 +17,12 @@ independently from the same definitions:
 Pixel boxes are inclusive: ``(x1, y1, x2, y2)`` are the first and last columns/rows the shape
 covers, exactly what Pillow's ``ImageDraw`` takes, so the side is ``x2 - x1``.
 
-0-999 coordinates (spec §9.1): the official de-normalisation is ``int(v / 999 * W)``. We encode a
-pixel coordinate ``p`` as ``round((p + 0.5) * 999 / W)`` (the pixel's centre), so that
-``int(v / 999 * W)`` lands inside ``[p + 0.5 - W / 1998, p + 0.5 + W / 1998]`` and floors back to
-exactly ``p`` for every image side below 999 px (all demo images). The answer uses the official
-spacing ``[[x1, y1, x2, y2]]`` (the spec's recorded outputs), which every box parser accepts.
+0-999 coordinates (spec §9.1): the official de-normalisation is ``int(v / 999 * W)``
+(:meth:`dsvl2.processing.grounding.Box.to_pixels`). We encode a pixel coordinate ``p`` as
+``round((p + 0.5) * 999 / W)`` (the pixel's centre), so that ``v / 999 * W`` lands inside
+``[p + 0.5 - W / 1998, p + 0.5 + W / 1998]`` and floors back to exactly ``p`` for every image side
+below 999 px (all demo images). Prompt and answer are written by
+:mod:`dsvl2.processing.grounding` (official spacing ``[[x1, y1, x2, y2]]``).
 
 Every random choice goes through the ``random.Random`` passed in, so a seed fixes the data.
 ``python -m dsvl2.demo.tasks --out DIR --n 50 --seed 1`` writes a dataset and a contact sheet.
@@ -40,6 +41,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from dsvl2.errors import InputError
+from dsvl2.processing.grounding import format_det, format_ref_prompt, parse_grounding
 
 TASKS = ("grounding", "reading", "charts")
 
@@ -77,12 +79,6 @@ def box_to_999(box: Sequence[int], width: int, height: int) -> list[int]:
     """Pixel box -> official 0-999 coordinates (pixel centres, see the module docstring)."""
     sizes = (width, height, width, height)
     return [min(999, max(0, round((p + 0.5) * 999 / s))) for p, s in zip(box, sizes)]
-
-
-def box_from_999(box: Sequence[int], width: int, height: int) -> list[int]:
-    """Official de-normalisation ``int(v / 999 * side)`` (spec §9.1)."""
-    sizes = (width, height, width, height)
-    return [int(v / 999 * s) for v, s in zip(box, sizes)]
 
 
 def load_words(path: str | Path | None = None) -> list[str]:
@@ -161,10 +157,9 @@ def make_grounding(rng: Random) -> Sample:
                        "orientation": orientation if shape == "triangle" else None})
     target = rng.randrange(len(shapes))
     colour, shape, box = shapes[target]["colour"], shapes[target]["shape"], shapes[target]["box"]
-    ref = f"<|ref|>the {colour} {shape}<|/ref|>"
-    coords = ", ".join(str(v) for v in box_to_999(box, width, height))
-    return Sample(task="grounding", image=image, prompt=f"<image>\n{ref}.",
-                  answer=f"{ref}<|det|>[[{coords}]]<|/det|>", box=box,
+    label = f"the {colour} {shape}"
+    return Sample(task="grounding", image=image, prompt=format_ref_prompt(label),
+                  answer=format_det(label, [box_to_999(box, width, height)]), box=box,
                   meta={"background": background, "shapes": shapes, "target": target})
 
 
@@ -287,9 +282,13 @@ def write_dataset(out_dir: str | Path, n_per_task: int, seed: int,
 
 
 def contact_sheet(samples: Sequence[Sample], columns: int = 4, cell: int = 300) -> Image.Image:
-    """A grid of thumbnails with prompt and answer under each; grounding boxes drawn in magenta."""
+    """A grid of thumbnails with prompt and answer under each.
+
+    Grounding answers are parsed back and their de-normalised boxes drawn in magenta, so the sheet
+    shows the whole chain: truth -> 0-999 text -> parser -> pixels.
+    """
     font = ImageFont.load_default(12)
-    text_h = 88
+    text_h = 100
     rows = -(-len(samples) // columns)
     sheet = Image.new("RGB", (columns * cell, rows * (cell + text_h)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
@@ -301,8 +300,8 @@ def contact_sheet(samples: Sequence[Sample], columns: int = 4, cell: int = 300) 
         sheet.paste(thumb, (x0 + 5, y0 + 5))
         draw.rectangle([x0 + 4, y0 + 4, x0 + 5 + thumb.width, y0 + 5 + thumb.height],
                        outline=(160, 160, 160))
-        if sample.box is not None:
-            bx1, by1, bx2, by2 = (v * scale + 5 for v in sample.box)
+        for box in parse_grounding(sample.answer).boxes:
+            bx1, by1, bx2, by2 = (v * scale + 5 for v in box.to_pixels(*sample.image.size))
             draw.rectangle([x0 + bx1, y0 + by1, x0 + bx2, y0 + by2], outline=(255, 0, 255))
         lines = [f"{sample.task} {sample.image.width}x{sample.image.height}"]
         lines += textwrap.wrap("Q: " + sample.prompt.replace("\n", "\\n"), 46)
