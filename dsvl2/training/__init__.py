@@ -1,0 +1,1 @@
+"""Training: stage configs, data (JSONL conversations, packing, batches) and the shared loop."""
