@@ -1,0 +1,1 @@
+"""Token generation: prefill (chunked), one-token decode, sampling, batched engine."""

@@ -1,0 +1,127 @@
+"""Prefill and decode: the generation loop every front end shares (API, CLI, server, evaluation).
+
+``prefill`` runs the prompt (optionally in chunks, for long image prompts: the cache is written chunk
+by chunk and stays on the device) and returns the last position's logits; ``decode_one_token`` feeds
+one token per row. ``generate`` yields one token tensor per step; text, stop strings and streaming
+live in ``dsvl2.pipeline`` so this module works on ids only. Positions come from the attention mask
+(``cumsum - 1``), so left-padded batches give each row the positions it would have alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+from ..model.cache import KVCache, LatentCache, make_cache
+from ..model.llm import causal_mask
+from ..model.vlm import DSVL2, positions_from_mask
+from .sampling import SamplingParams, sample
+
+
+@dataclass(frozen=True)
+class GenerateArgs:
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    chunk_size: int | None = None  # prefill chunk length; None = one shot
+    expanded_prefill: bool = False  # decompressed-MLA prefill (faster on long prompts; bf16-close)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise InputError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.seed)
+
+
+@torch.no_grad()
+def prefill(model: DSVL2, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+            cache: LatentCache | KVCache, chunk_size: int | None = None, expanded: bool = False) -> torch.Tensor:
+    """Run the prompt through the LM, filling ``cache``; return last-position logits (B, V) fp32."""
+    b, t, _ = inputs_embeds.shape
+    positions = positions_from_mask(attention_mask)
+    step = chunk_size or t
+    hidden = None
+    for start in range(0, t, step):
+        end = min(start + step, t)
+        mask = causal_mask(attention_mask[:, :end], start, end - start, inputs_embeds.dtype)
+        hidden = model.language.model(inputs_embeds[:, start:end], positions[:, start:end], mask, cache, expanded)
+    return model.language.logits(hidden[:, -1:])[:, -1]
+
+
+@torch.no_grad()
+def decode_one_token(model: DSVL2, tokens: torch.Tensor, attention_mask: torch.Tensor,
+                     cache: LatentCache | KVCache) -> torch.Tensor:
+    """tokens (B,) at the next position; ``attention_mask`` (B, past+1) already includes them."""
+    embeds = model.language.model.embed_tokens(tokens[:, None])  # (B, 1, D)
+    positions = attention_mask.long().sum(-1, keepdim=True) - 1  # (B, 1)
+    mask = causal_mask(attention_mask, cache.length, 1, embeds.dtype)
+    hidden = model.language.model(embeds, positions, mask, cache)
+    return model.language.logits(hidden)[:, -1]
+
+
+@dataclass
+class Step:
+    """One generation step: the new token of every row and which rows had already finished."""
+
+    tokens: torch.Tensor  # (B,)
+    finished: torch.Tensor  # (B,) bool: True for rows that ended before this step (token is padding)
+    logits: torch.Tensor | None = None  # (B, V) fp32 logits the token came from (for tests / scoring)
+
+
+@torch.no_grad()
+def generate(model: DSVL2, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             images: torch.Tensor | None, images_seq_mask: torch.Tensor | None,
+             images_spatial_crop: torch.Tensor | None, args: GenerateArgs, eos_token_id: int,
+             return_logits: bool = False) -> Iterator[Step]:
+    """Yield a :class:`Step` per generated position until every row hit EOS or ``max_new_tokens``.
+
+    The caller may stop iterating at any time (stop strings, a client that went away).
+    """
+    cfg = model.cfg.language_config
+    b, t = input_ids.shape
+    limit = cfg.max_position_embeddings
+    if t > limit:
+        raise InputError(f"prompt is {t} tokens, longer than the context limit of {limit}")
+    new = min(args.max_new_tokens, limit - t)
+    if new < 1:
+        raise InputError(f"prompt of {t} tokens leaves no room to generate within the context limit of {limit}")
+    device = model.device
+    attention_mask = attention_mask.to(device).bool()
+    embeds = model.prepare_inputs_embeds(
+        input_ids.to(device), None if images is None else images.to(device),
+        None if images_seq_mask is None else images_seq_mask.to(device),
+        None if images_spatial_crop is None else images_spatial_crop.to(device),
+    )
+    cache = make_cache(cfg, b, t + new, model.dtype, device)
+    params = args.sampling
+    generator = None
+    if not params.greedy:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(args.seed if args.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(b, cfg.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, input_ids.to(device).masked_fill(~attention_mask, 0), attention_mask)
+    logits = prefill(model, embeds, attention_mask, cache, args.chunk_size, args.expanded_prefill)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    for i in range(new):
+        token = sample(logits, params, seen, generator)
+        token = torch.where(finished, torch.full_like(token, eos_token_id), token)
+        yield Step(token, finished.clone(), logits if return_logits else None)
+        finished = finished | (token == eos_token_id)
+        if bool(finished.all()) or i == new - 1:
+            return
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        attention_mask = torch.cat([attention_mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
+        logits = decode_one_token(model, token, attention_mask, cache)

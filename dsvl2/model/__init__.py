@@ -1,0 +1,1 @@
+"""The DeepSeek-VL2 network: vision tower, projector, tile layout, DeepSeekMoE language model."""

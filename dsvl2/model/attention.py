@@ -1,0 +1,123 @@
+"""Self-attention of the language model: plain multi-head (Tiny) and Multi-head Latent Attention.
+
+``MHA`` reproduces transformers 4.38.2 ``LlamaAttention`` as Tiny runs it (half-split RoPE, scores
+divided by ``sqrt(head_dim)``; spec §7.4). ``MLA`` reproduces DeepSeek's ``DeepseekV2Attention`` in
+its official *absorbed* form: the cache holds only the normalised latent and the shared rotary key,
+``W_UK`` is folded into the query and ``W_UV`` applied after attending over latents (spec §7.3).
+That is both the faithful form (bf16 parity depends on its rounding points, including the
+heads-merged ``einsum``) and the fast decode form. ``MLA.forward_expanded`` is the textbook form —
+keys and values decompressed per head, then SDPA — cheaper for long prefills and training; a test
+holds the two equal.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LanguageConfig
+from .cache import KVCache, LatentCache
+from .layers import RMSNorm, apply_rope, apply_rope_interleaved
+
+
+class MHA(nn.Module):
+    def __init__(self, cfg: LanguageConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.heads = cfg.num_attention_heads
+        self.head_dim = cfg.head_dim
+        self.scale_div = cfg.head_dim ** 0.5  # math.sqrt: 4.38.2 divides by it
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
+        k = self.k_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, H, T, D)
+        scores = torch.matmul(q, k.transpose(2, 3)) / self.scale_div  # (B, H, S, T)
+        if mask is not None:
+            scores = scores + mask
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        o = torch.matmul(probs, v)  # (B, H, S, D)
+        return self.o_proj(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: LanguageConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.heads = cfg.num_attention_heads
+        self.nope = cfg.qk_nope_head_dim
+        self.rope = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.rank = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.heads * cfg.q_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.rank)
+        self.kv_b_proj = nn.Linear(self.rank, self.heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.heads * self.v_dim, d, bias=False)
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.nope + self.rope).transpose(1, 2)  # (B, H, S, 192)
+        q_nope, q_pe = torch.split(q, [self.nope, self.rope], dim=-1)
+        a = self.kv_a_proj_with_mqa(x)  # (B, S, r + rope)
+        latent, k_pe = torch.split(a, [self.rank, self.rope], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # (B, S, r)
+        k_pe = k_pe.view(b, s, 1, self.rope).transpose(1, 2)  # (B, 1, S, rope)
+        q_pe = apply_rope_interleaved(q_pe, cos, sin)
+        k_pe = apply_rope_interleaved(k_pe, cos, sin)
+        return q_nope, q_pe, latent, k_pe
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: LatentCache | None = None) -> torch.Tensor:
+        """Absorbed form (the official eager path): attend over latents, never expand K/V."""
+        b, s, _ = x.shape
+        q_nope, q_pe, latent, k_pe = self._project(x, cos, sin)
+        k_pe = k_pe.squeeze(1)  # (B, S, rope)
+        if cache is not None:
+            latent, k_pe = cache.update(self.layer, latent, k_pe)  # (B, T, r), (B, T, rope)
+        w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
+        w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]  # (H, nope, r), (H, v, r)
+        q_lat = torch.matmul(q_nope, w_uk)  # (B, H, S, r)
+        scores = (torch.matmul(q_pe, k_pe.unsqueeze(1).mT)
+                  + torch.matmul(q_lat, latent.unsqueeze(-3).mT)) * self.scale  # (B, H, S, T)
+        if mask is not None:
+            scores = scores + mask
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q_pe.dtype)
+        # One (B, H*S, T) @ (B, T, r) matmul, heads merged into rows, as the official einsum does:
+        # a per-head batched matmul rounds differently in bf16.
+        o_lat = torch.einsum("bhql,blc->bhqc", probs, latent)  # (B, H, S, r)
+        o = torch.matmul(o_lat, w_uv.mT)  # (B, H, S, v)
+        return self.o_proj(o.transpose(1, 2).reshape(b, s, self.heads * self.v_dim))
+
+    def forward_expanded(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                         cache: LatentCache | None = None) -> torch.Tensor:
+        """Textbook form: decompress per-head keys/values from the latents, then SDPA.
+
+        Same cache contents as the absorbed form (only latents are stored), so the two can be mixed:
+        expanded prefill, absorbed decode.
+        """
+        b, s, _ = x.shape
+        q_nope, q_pe, latent, k_pe = self._project(x, cos, sin)
+        k_pe = k_pe.squeeze(1)
+        if cache is not None:
+            latent, k_pe = cache.update(self.layer, latent, k_pe)
+        t = latent.shape[1]
+        kv = self.kv_b_proj(latent).view(b, t, self.heads, self.nope + self.v_dim).transpose(1, 2)  # (B, H, T, 256)
+        k_nope, v = torch.split(kv, [self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(b, self.heads, t, self.rope)], dim=-1)  # (B, H, T, 192)
+        q = torch.cat([q_nope, q_pe], dim=-1)  # (B, H, S, 192)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, H, S, v)
+        return self.o_proj(o.transpose(1, 2).reshape(b, s, self.heads * self.v_dim))

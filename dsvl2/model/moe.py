@@ -1,0 +1,150 @@
+"""DeepSeekMoE feed-forward: router, routed experts (stacked), shared experts.
+
+Routing reproduces ``MoEGate`` of DeepSeek's ``modeling_deepseek.py`` in fp32 (spec §7.6):
+- ``greedy`` (Tiny, Small): softmax scores, top-k (``sorted=False``), weights used un-renormalised
+  unless ``norm_topk_prob``, times ``routed_scaling_factor``;
+- ``noaux_tc`` (Base): sigmoid scores; the correction bias only *selects* experts (after the
+  group-limited step, trivial for ``n_group = 1``); weights are the unbiased scores, renormalised then
+  scaled.
+The combine follows the official ``moe_infer``: each expert runs once on all of its rows, outputs are
+cast to fp32, weighted, summed over the k slots in router order and cast back. The same dispatch is
+differentiable, so training uses it too; for ``noaux_tc`` the selection is not differentiable but the
+gathered weights are (spec P8), and the bias is updated outside autograd (``update_bias``).
+
+Expert weights are stacked ``(E, I, D)`` tensors (``checkpoint.py`` stacks/unstacks the official
+per-expert keys), so routed experts are plain tensor indexing, with no per-expert modules.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LanguageConfig
+from .layers import MLP
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.n_experts = cfg.n_routed_experts
+        self.noaux = cfg.topk_method == "noaux_tc"
+        self.n_group = cfg.n_group or 1
+        self.topk_group = cfg.topk_group or 1
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.scaling = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
+        if self.noaux:
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, D) -> fp32 routing scores (N, E)."""
+        logits = F.linear(x.to(torch.float32), self.weight.to(torch.float32))
+        return logits.sigmoid() if self.noaux else logits.softmax(dim=-1, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, D) -> expert ids (N, K), fp32 weights (N, K), fp32 scores (N, E)."""
+        scores = self.scores(x)
+        if self.noaux:
+            n = scores.shape[0]
+            choice = scores + self.e_score_correction_bias.unsqueeze(0)  # (N, E), bias promoted to fp32
+            group_scores = choice.view(n, self.n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)  # (N, G)
+            group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+            score_mask = group_mask.unsqueeze(-1).expand(n, self.n_group, self.n_experts // self.n_group).reshape(n, -1)
+            choice = choice.masked_fill(~score_mask.bool(), 0.0)
+            idx = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]  # (N, K)
+            weight = scores.gather(1, idx)
+        else:
+            weight, idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        if self.top_k > 1 and self.norm_topk_prob:
+            weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20) * self.scaling
+        else:
+            weight = weight * self.scaling
+        return idx, weight, scores
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts as stacked weights: gate/up (E, I, D), down (E, D, I)."""
+
+    def __init__(self, n_experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.zeros(n_experts, intermediate, hidden))
+        self.up_proj = nn.Parameter(torch.zeros(n_experts, intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.zeros(n_experts, hidden, intermediate))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (N, D), idx/weight (N, K) -> sum_k weight * expert_idx(x), in x's dtype.
+
+        Rows are grouped by expert (one stable sort); each expert with rows runs once on all of them.
+        """
+        n, k = idx.shape
+        flat = idx.reshape(-1)  # (N*K,)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        rows = x[order // k]  # (N*K, D) grouped by expert
+        outs = []
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                outs.append(self.expert(e, rows[start:start + c]))
+                start += c
+        grouped = torch.cat(outs, dim=0)  # (N*K, D)
+        out = torch.empty_like(grouped).index_copy(0, order, grouped)  # back to (token, slot) order
+        combined = (out.view(n, k, -1).to(weight.dtype) * weight.unsqueeze(-1)).sum(dim=1)  # (N, D) fp32
+        return combined.to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+        self.last_aux_loss: torch.Tensor | None = None
+        self.last_expert_counts: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        flat = x.view(-1, d)
+        idx, weight, scores = self.gate(flat)
+        y = self.experts(flat, idx, weight).view(b, t, d)
+        if self.training:
+            self._record_balance(idx, scores, b, t)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+    def _record_balance(self, idx: torch.Tensor, scores: torch.Tensor, b: int, t: int) -> None:
+        """Sequence-level balance loss (``seq_aux``) of the official gate, plus counts for bias updates."""
+        e, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        counts = torch.zeros(b, e, device=idx.device, dtype=torch.float32)
+        counts.scatter_add_(1, idx.view(b, t * k), torch.ones(b, t * k, device=idx.device))
+        self.last_expert_counts = counts.sum(0).detach()
+        alpha = self.cfg.aux_loss_alpha
+        if alpha <= 0:
+            self.last_aux_loss = None
+            return
+        if self.cfg.seq_aux:
+            ce = counts / (t * k / e)  # (B, E)
+            self.last_aux_loss = alpha * (ce * scores.view(b, t, e).mean(dim=1)).sum(dim=1).mean()
+        else:
+            freq = counts.sum(0) / (b * t * k) * e
+            self.last_aux_loss = alpha * (freq * scores.mean(dim=0)).sum()
+
+    @torch.no_grad()
+    def update_bias(self, rate: float) -> None:
+        """Auxiliary-loss-free balancing (DeepSeek-V3): nudge the correction bias toward balance."""
+        if not self.gate.noaux or self.last_expert_counts is None:
+            return
+        counts = self.last_expert_counts
+        self.gate.e_score_correction_bias.add_(rate * torch.sign(counts.mean() - counts).to(
+            self.gate.e_score_correction_bias.dtype))
