@@ -41,7 +41,8 @@ def test_encode_adds_no_special_tokens_and_round_trips(tok):
 def test_encode_matches_transformers_fast_tokenizer(ckpt, tok):
     transformers = pytest.importorskip("transformers")
     ref = transformers.AutoTokenizer.from_pretrained(str(ckpt))
-    for text in ["<|User|>: <|ref|>The 2 red circles<|/ref|>.\n\n<|Assistant|>:", "[[582, 271, 942, 888]]", "世界 ꙮ🦜"]:
+    texts = ["<|User|>: <|ref|>The 2 red circles<|/ref|>.\n\n<|Assistant|>:", "[[582, 271, 942, 888]]", "世界 ꙮ🦜"]
+    for text in texts:
         assert tok.encode(text) == ref.encode(text, add_special_tokens=False)
 
 
@@ -58,7 +59,8 @@ def test_missing_tokenizer_json_names_the_path(tmp_path):
 
 
 def test_missing_special_token_is_named(tmp_path):
-    vocab = {t: i for i, t in enumerate(["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "a"])}
+    names = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "a"]
+    vocab = {t: i for i, t in enumerate(names)}
     hf = HFTokenizer(models.WordLevel(vocab, unk_token="a"))
     hf.pre_tokenizer = pre_tokenizers.Whitespace()
     hf.save(str(tmp_path / "tokenizer.json"))

@@ -73,7 +73,9 @@ class ProcessorConfig:
                 f"patch_size ({self.patch_size}) and downsample_ratio ({self.downsample_ratio}) must be positive"
             )
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or 0.0 in self.image_std:
-            raise ConfigError(f"image_mean / image_std need 3 values, std non-zero: {self.image_mean}, {self.image_std}")
+            raise ConfigError(
+                f"image_mean / image_std need 3 values, std non-zero: {self.image_mean}, {self.image_std}"
+            )
         if self.sft_format != "deepseek":
             raise ConfigError(f"sft_format {self.sft_format!r} is not supported; only 'deepseek' is used by VL2")
 

@@ -17,8 +17,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-Size = tuple[int, int]
-
 
 def select_best_resolution(size: tuple[int, int], candidates: Sequence[Sequence[int]]) -> tuple[int, int]:
     """Pick the ``(width, height)`` candidate that keeps the most pixels, then wastes the least.
@@ -122,7 +120,8 @@ def normalize(
     """
     if not tiles:
         raise ValueError("normalize needs at least one tile")
-    pixels = np.stack([np.asarray(t if t.mode == "RGB" else t.convert("RGB"), dtype=np.uint8) for t in tiles])  # (N, S, S, 3)
+    rgb = [t if t.mode == "RGB" else t.convert("RGB") for t in tiles]
+    pixels = np.stack([np.asarray(t, dtype=np.uint8) for t in rgb])  # (N, S, S, 3)
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(torch.float32).div(255)  # (N, 3, S, S)
     if mean is not None and std is not None:
         mean_t = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
