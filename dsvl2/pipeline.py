@@ -1,0 +1,225 @@
+"""The user-facing pipeline: ``dsvl2.load(dir)`` -> chat / stream / batch / ground.
+
+One model, one processor, one generation loop (``generation.generate``); this module only turns
+text + images into a batch and tokens back into text, with stop strings and streaming. The CLI, the
+server and the evaluation harness are thin layers over it.
+
+Message format (OpenAI-like, plus the official one): ``{"role": "user"|"assistant"|"system"|
+"<|User|>"|"<|Assistant|>", "content": str, "images": [path | PIL.Image]}``. A plain string is one
+user turn. When a user turn carries more images than ``<image>`` placeholders, the missing
+placeholders are prepended as ``"<image>\\n"`` lines (the official web demo's rule); more
+placeholders than images is an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .checkpoint import load_model
+from .errors import InputError
+from .generation.generate import GenerateArgs, generate
+from .model.vlm import DSVL2
+from .processing.grounding import GroundingResult, parse_grounding
+from .processing.images import load_image
+from .processing.processor import Batch, Processor
+from .processing.tokenizer import StreamDecoder
+
+ImageLike = str | Path | Image.Image
+Messages = str | Sequence[dict[str, Any]]
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Completion:
+    """A finished answer: text, the generated ids, why it stopped, and token counts."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class Pipeline:
+    """A loaded model with its processor. Create with :func:`dsvl2.load`."""
+
+    def __init__(self, model: DSVL2, processor: Processor, model_dir: str | Path | None = None):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.model_dir = Path(model_dir) if model_dir is not None else None
+
+    # ---- input normalisation ---------------------------------------------------------------
+    def conversation(self, messages: Messages, images: Sequence[ImageLike] | None = None) -> list[dict[str, Any]]:
+        """Normalise ``messages`` (+ ``images`` for the last user turn) into processor messages."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        conv = [dict(m) for m in messages]
+        if not conv:
+            raise InputError("messages is empty")
+        for m in conv:
+            if not isinstance(m.get("content", ""), str):
+                raise InputError(f"message content must be a string, got {type(m.get('content')).__name__}")
+        if images:
+            users = [m for m in conv if m.get("role") in ("user", "<|User|>")]
+            if not users:
+                raise InputError("images were given but the conversation has no user turn")
+            users[-1]["images"] = list(users[-1].get("images") or []) + list(images)
+        for m in conv:
+            imgs = m.get("images") or []
+            if imgs:
+                m["images"] = [load_image(x) for x in imgs]
+                tags = m["content"].count("<image>")
+                if tags > len(imgs):
+                    raise InputError(f"a message has {tags} <image> placeholders but {len(imgs)} image(s)")
+                m["content"] = "<image>\n" * (len(imgs) - tags) + m["content"]
+        return conv
+
+    def prepare(self, conversations: Sequence[list[dict[str, Any]]]) -> Batch:
+        limit = self.model.cfg.language_config.max_position_embeddings
+        return self.processor(list(conversations), max_length=limit)
+
+    # ---- generation ----------------------------------------------------------------------------
+    def _events(self, batch: Batch, args: GenerateArgs, stop: Sequence[str],
+                skip_special_tokens: bool) -> Iterator[tuple[int, str] | list[Completion]]:
+        """Generate for every row of ``batch``.
+
+        Yields ``(row, text_delta)`` as text becomes final (text that could still turn into a stop
+        string is held back), and finally the list of :class:`Completion`.
+        """
+        b = len(batch)
+        eos = self.tokenizer.eos_id
+        decoders = [StreamDecoder(self.tokenizer, skip_special_tokens) for _ in range(b)]
+        texts = [""] * b
+        emitted = [0] * b
+        ids: list[list[int]] = [[] for _ in range(b)]
+        done = [False] * b
+        reasons = ["length"] * b
+        hold = max((len(s) for s in stop), default=1) - 1
+        steps = generate(self.model, batch.input_ids, batch.attention_mask, batch.images, batch.images_seq_mask,
+                         batch.images_spatial_crop, args, eos)
+        try:
+            for step in steps:
+                for r, tok in enumerate(step.tokens.tolist()):
+                    if done[r]:
+                        continue
+                    if tok == eos:
+                        done[r], reasons[r] = True, "stop"
+                        texts[r] += decoders[r].flush()
+                        continue
+                    ids[r].append(tok)
+                    texts[r] += decoders[r].push(tok)
+                    cut = _find_stop(texts[r], stop, emitted[r])
+                    if cut is not None:
+                        texts[r] = texts[r][:cut]
+                        done[r], reasons[r] = True, "stop"
+                    elif len(texts[r]) - hold > emitted[r]:
+                        yield r, texts[r][emitted[r]:len(texts[r]) - hold]
+                        emitted[r] = len(texts[r]) - hold
+                if all(done):
+                    break
+        finally:
+            steps.close()
+        prompt_lens = batch.attention_mask.sum(-1).tolist()
+        out = []
+        for r in range(b):
+            if not done[r]:
+                texts[r] += decoders[r].flush()
+                cut = _find_stop(texts[r], stop, emitted[r])
+                if cut is not None:
+                    texts[r], reasons[r] = texts[r][:cut], "stop"
+            if len(texts[r]) > emitted[r]:
+                yield r, texts[r][emitted[r]:]
+            out.append(Completion(texts[r], ids[r], reasons[r], int(prompt_lens[r])))
+        yield out
+
+    def _run(self, batch: Batch, args: GenerateArgs, stop: Sequence[str], skip_special_tokens: bool) -> list[Completion]:
+        result: list[Completion] = []
+        for event in self._events(batch, args, stop, skip_special_tokens):
+            if isinstance(event, list):
+                result = event
+        return result
+
+    def complete(self, messages: Messages, images: Sequence[ImageLike] | None = None, *,
+                 stop: Sequence[str] = (), skip_special_tokens: bool = True, **gen: Any) -> Completion:
+        """One answer with its metadata (token ids, finish reason, token counts)."""
+        batch = self.prepare([self.conversation(messages, images)])
+        return self._run(batch, GenerateArgs(**gen), stop, skip_special_tokens)[0]
+
+    def chat(self, messages: Messages, images: Sequence[ImageLike] | None = None, *,
+             stop: Sequence[str] = (), skip_special_tokens: bool = True, **gen: Any) -> str:
+        """The answer to ``messages`` as text. ``gen``: fields of :class:`GenerateArgs`."""
+        return self.complete(messages, images, stop=stop, skip_special_tokens=skip_special_tokens, **gen).text
+
+    def stream(self, messages: Messages, images: Sequence[ImageLike] | None = None, *,
+               stop: Sequence[str] = (), skip_special_tokens: bool = True, **gen: Any) -> Iterator[str]:
+        """Yield the answer in pieces as it is generated (they concatenate to :meth:`chat`'s text).
+
+        Closing the iterator early stops generation.
+        """
+        batch = self.prepare([self.conversation(messages, images)])
+        for event in self._events(batch, GenerateArgs(**gen), stop, skip_special_tokens):
+            if isinstance(event, tuple):
+                yield event[1]
+
+    def generate_batch(self, conversations: Sequence[Messages], *, max_new_tokens: int = 512,
+                       skip_special_tokens: bool = True, chunk_size: int | None = None,
+                       stop: Sequence[str] = (), **gen: Any) -> list[str]:
+        """Answers for many conversations decoded together (greedy by default); rows equal singles."""
+        convs = [self.conversation(c) for c in conversations]
+        batch = self.prepare(convs)
+        args = GenerateArgs(max_new_tokens=max_new_tokens, chunk_size=chunk_size, **gen)
+        return [c.text for c in self._run(batch, args, stop, skip_special_tokens)]
+
+    def ground(self, image: ImageLike, expression: str, **gen: Any) -> GroundingResult:
+        """Locate ``expression`` in ``image``: boxes in 0-999 coordinates (``Box.to_pixels`` for pixels)."""
+        text = self.chat(f"<image>\n<|ref|>{expression}<|/ref|>.", [image], skip_special_tokens=False, **gen)
+        return parse_grounding(text)
+
+
+def _find_stop(text: str, stop: Sequence[str], start: int) -> int | None:
+    """Index of the earliest stop string in ``text`` (searching from a little before ``start``)."""
+    best = None
+    for s in stop:
+        if not s:
+            continue
+        i = text.find(s, max(0, start - len(s)))
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best
+
+
+def load(model_dir: str | Path | None = None, dtype: str | torch.dtype = "bf16", device: str | None = None,
+         progress: Callable[[int, int], None] | None = None) -> Pipeline:
+    """Load a model directory in the official Hugging Face layout (config, safetensors, tokenizer)."""
+    if model_dir is None:
+        from .demo import default_model_dir
+
+        model_dir = default_model_dir()
+    device = device or default_device()
+    model = load_model(model_dir, dtype=resolve_dtype(dtype), device=device, progress=progress)
+    processor = Processor.from_pretrained(model_dir)
+    return Pipeline(model, processor, model_dir)
