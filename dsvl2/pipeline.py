@@ -103,7 +103,7 @@ class Pipeline:
         return self.processor(list(conversations), max_length=limit)
 
     # ---- generation ----------------------------------------------------------------------------
-    def _events(self, batch: Batch, args: GenerateArgs, stop: Sequence[str],
+    def events(self, batch: Batch, args: GenerateArgs, stop: Sequence[str],
                 skip_special_tokens: bool) -> Iterator[tuple[int, str] | list[Completion]]:
         """Generate for every row of ``batch``.
 
@@ -158,7 +158,7 @@ class Pipeline:
 
     def _run(self, batch: Batch, args: GenerateArgs, stop: Sequence[str], skip_special_tokens: bool) -> list[Completion]:
         result: list[Completion] = []
-        for event in self._events(batch, args, stop, skip_special_tokens):
+        for event in self.events(batch, args, stop, skip_special_tokens):
             if isinstance(event, list):
                 result = event
         return result
@@ -181,7 +181,7 @@ class Pipeline:
         Closing the iterator early stops generation.
         """
         batch = self.prepare([self.conversation(messages, images)])
-        for event in self._events(batch, GenerateArgs(**gen), stop, skip_special_tokens):
+        for event in self.events(batch, GenerateArgs(**gen), stop, skip_special_tokens):
             if isinstance(event, tuple):
                 yield event[1]
 
