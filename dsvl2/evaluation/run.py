@@ -210,7 +210,7 @@ def run_suite(model: Model | Callable[[], Model], root: str | Path, out: str | P
 
 EXAMPLES = """examples:
   python -m dsvl2.demo.tasks --out /tmp/demo --n 20 --seed 7
-  dsvl2 eval --model MODEL_DIR --task demo --data /tmp/demo/data.jsonl --out runs/eval-demo
+  dsvl2 eval --task demo --data /tmp/demo/data.jsonl --out runs/eval-demo    # the shipped demo model
   dsvl2 eval --model deepseek-vl2-tiny --task chartqa --data LMUData/ChartQA_TEST.tsv --limit 100 --out runs/chartqa
   dsvl2 eval --model deepseek-vl2-small --task docvqa --data hf/DocVQA --split validation --out runs/docvqa
   dsvl2 eval --model deepseek-vl2-small --suite paper --data LMUData --out runs/paper
@@ -220,10 +220,11 @@ Re-running the same command resumes: answers already in OUT/predictions.jsonl ar
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``dsvl2 eval`` flags (also used by ``python -m dsvl2.evaluation.run``)."""
+    """The ``dsvl2 eval`` flags (also used by ``python -m dsvl2.evaluation``)."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EXAMPLES
-    parser.add_argument("--model", required=True, help="model folder (official Hugging Face layout)")
+    parser.add_argument("--model", default=None,
+                        help="model folder (official Hugging Face layout); default: the shipped demo model")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--task", choices=list(TASKS), help="one benchmark")
     which.add_argument("--suite", choices=["paper"], help="every paper benchmark found below --data")
@@ -242,9 +243,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def load_model(model_dir: str, dtype: str, device: str | None) -> Model:
+def load_model(model_dir: str | None, dtype: str, device: str | None) -> Model:
     """``dsvl2.load`` (imported here: torch is needed only when something is generated);
-    ``device`` None = cuda if available."""
+    ``model_dir`` None = the shipped demo model, ``device`` None = cuda if available."""
     import dsvl2
 
     return dsvl2.load(model_dir, dtype=dtype, device=device)
@@ -273,10 +274,8 @@ def eval_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dsvl2.evaluation``: the same flags as ``dsvl2 eval``."""
     parser = argparse.ArgumentParser(prog="dsvl2 eval", description="Evaluate a model on a benchmark.")
     add_eval_arguments(parser)
     return eval_main(parser.parse_args(argv))
 
-
-if __name__ == "__main__":
-    sys.exit(main())
