@@ -9,6 +9,7 @@ ask for them, while every other prompt runs the real model.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import threading
 import time
@@ -97,7 +98,9 @@ def user(text: str, *urls: str) -> dict[str, Any]:
     return {"role": "user", "content": parts + [{"type": "image_url", "image_url": {"url": u}} for u in urls]}
 
 
+@functools.lru_cache(maxsize=1)
 def load_micro(golden_dir: Path) -> ScriptedPipeline:
+    """One pipeline for every server / CLI test module of the session (read-only use)."""
     pipe = dsvl2.load(golden_dir / "checkpoints" / "micro-mha", dtype="fp32", device="cpu")
     return ScriptedPipeline(pipe.model, pipe.processor, pipe.model_dir)
 

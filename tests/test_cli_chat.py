@@ -1,0 +1,144 @@
+"""``dsvl2 chat`` (one-shot, streamed, REPL), ``dsvl2 ground``, ``dsvl2 serve`` flags and the load
+progress bar, through the functions ``dsvl2/cli.py`` calls (micro-mha, fp32, CPU)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_server import BOX_A, ScriptedPipeline, load_micro, scene_image
+
+import dsvl2
+from dsvl2 import cli_serve
+from dsvl2.processing.grounding import COLORS
+from dsvl2.processing.template import stop_strings
+from dsvl2.serving import ServeArgs
+
+
+@pytest.fixture(scope="module")
+def pipe(golden_dir: Path) -> ScriptedPipeline:
+    return load_micro(golden_dir)
+
+
+@pytest.fixture
+def cached(pipe: ScriptedPipeline, monkeypatch: pytest.MonkeyPatch) -> ScriptedPipeline:
+    """Make the commands reuse the module's pipeline instead of loading it again."""
+    monkeypatch.setattr(cli_serve, "load", lambda *a, **k: pipe)
+    return pipe
+
+
+def parse(add: Any, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "scene.png"
+    scene_image((240, 160)).save(path)
+    return path
+
+
+def test_one_shot_chat_loads_and_answers(golden_dir: Path, image: Path, pipe: ScriptedPipeline) -> None:
+    model = golden_dir / "checkpoints" / "micro-mha"
+    args = parse(cli_serve.add_chat_arguments, ["--model", str(model), "--dtype", "fp32", "--device", "cpu",
+                                                "--image", str(image), "--max-new-tokens", "5", "What is it?"])
+    out = io.StringIO()
+    assert cli_serve.chat_main(args, out=out) == 0
+    expected = pipe.chat([{"role": "user", "content": "What is it?", "images": [image]}], max_new_tokens=5,
+                         stop=stop_strings(pipe.tokenizer.eos_token), skip_special_tokens=False)
+    assert out.getvalue() == expected + "\n"
+
+
+def test_streamed_chat_prints_the_same(cached: ScriptedPipeline, image: Path) -> None:
+    outs = []
+    for extra in ([], ["--stream"]):
+        out = io.StringIO()
+        args = parse(cli_serve.add_chat_arguments, ["--image", str(image), "--max-new-tokens", "5", *extra, "Hi?"])
+        assert cli_serve.chat_main(args, out=out) == 0
+        outs.append(out.getvalue())
+    assert outs[0] == outs[1] and outs[0].strip()
+
+
+def test_repl_keeps_history_and_commands(cached: ScriptedPipeline, image: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[dict[str, Any]]] = []
+    real_chat = cached.chat
+    monkeypatch.setattr(cached, "chat", lambda messages, **kw: seen.append(list(messages)) or real_chat(messages, **kw))
+    stdin = io.StringIO(f"/image {image}\n/image /no/such.png\nWhat is it?\n\nAnd now?\n/reset\nHello\n/quit\nignored\n")
+    args = parse(cli_serve.add_chat_arguments, ["--max-new-tokens", "3"])
+    out = io.StringIO()
+    assert cli_serve.chat_main(args, stdin=stdin, out=out) == 0
+    assert [len(m) for m in seen] == [1, 3, 1]  # turn 2 saw turn 1 and its answer; /reset cleared it
+    assert seen[0][0]["images"] == [image] and seen[1][2]["images"] == []
+    assert seen[1][1]["role"] == "assistant" and seen[1][1]["content"]
+    text = out.getvalue()
+    assert "attached to the next question" in text and "no such file" in text and "conversation cleared" in text
+
+
+def _red_at(path: Path, xy: tuple[int, int]) -> bool:
+    from PIL import Image
+
+    return Image.open(path).convert("RGB").getpixel(xy) == COLORS[0]
+
+
+def test_chat_ground_draws_boxes(cached: ScriptedPipeline, image: Path, tmp_path: Path) -> None:
+    target = tmp_path / "out.png"
+    args = parse(cli_serve.add_chat_arguments, ["--image", str(image), "--ground", str(target),
+                                                "<|ref|>the red square<|/ref|>."])
+    out = io.StringIO()
+    assert cli_serve.chat_main(args, out=out) == 0
+    assert "1 box(es) drawn" in out.getvalue()
+    x1, y1 = int(BOX_A[0] / 999 * 240), int(BOX_A[1] / 999 * 160)
+    assert _red_at(target, (x1, (y1 + int(BOX_A[3] / 999 * 160)) // 2))  # left edge of the box outline
+
+
+def test_ground_command(cached: ScriptedPipeline, image: Path, tmp_path: Path) -> None:
+    target = tmp_path / "ground.png"
+    out = io.StringIO()
+    args = parse(cli_serve.add_ground_arguments, ["--image", str(image), "the red square", "-o", str(target)])
+    assert cli_serve.ground_main(args, out=out) == 0
+    box = [int(BOX_A[0] / 999 * 240), int(BOX_A[1] / 999 * 160), int(BOX_A[2] / 999 * 240), int(BOX_A[3] / 999 * 160)]
+    assert out.getvalue().splitlines()[0] == "the red square\t" + " ".join(map(str, box))
+    assert _red_at(target, (box[0], (box[1] + box[3]) // 2))
+    out = io.StringIO()
+    assert cli_serve.ground_main(parse(cli_serve.add_ground_arguments, ["--image", str(image), "--json", "x"]),
+                                 out=out) == 0
+    assert json.loads(out.getvalue())["boxes"] == [{"label": "x", "box": box, "box_999": BOX_A}]
+
+
+def test_missing_image_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse(cli_serve.add_ground_arguments, ["--image", "/no/such.png", "car"])
+    assert cli_serve.ground_main(args) == 2
+    assert "image file not found: /no/such.png" in capsys.readouterr().err
+
+
+def test_load_progress_bar(golden_dir: Path) -> None:
+    stream = io.StringIO()
+    with cli_serve.load_progress(enabled=True, stream=stream) as progress:
+        dsvl2.load(golden_dir / "checkpoints" / "micro-mha", dtype="fp32", device="cpu", progress=progress)
+    assert "loading weights" in stream.getvalue()
+    with cli_serve.load_progress(stream=io.StringIO()) as progress:  # not a terminal: no bar
+        assert progress is None
+
+
+def test_serve_flags_and_main(monkeypatch: pytest.MonkeyPatch, cached: ScriptedPipeline) -> None:
+    pytest.importorskip("uvicorn", reason="needs the serve extra")
+    monkeypatch.setenv("DSVL2_API_KEY", "from-env")
+    args = parse(cli_serve.add_serve_arguments, ["--port", "9001", "--max-images", "3", "--allow-remote-images",
+                                                 "--local-images", "/tmp"])
+    assert (args.host, args.port, args.max_images, args.api_key) == ("127.0.0.1", 9001, 3, "from-env")
+    assert args.allow_remote_images is True and args.local_images == Path("/tmp")
+    ran: dict[str, Any] = {}
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    assert cli_serve.serve_main(args) == 0
+    assert (ran["host"], ran["port"]) == ("127.0.0.1", 9001)
+    assert ran["app"].state.args == ServeArgs(port=9001, api_key="from-env", max_images=3, allow_remote_images=True,
+                                             local_images=Path("/tmp"))
