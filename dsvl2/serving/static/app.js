@@ -7,6 +7,11 @@
 const COLORS = ["#ff0000", "#00ff00", "#0000ff", "#00ffff", "#ffff00", "#ff00ff", "#7f7f7f", "#ffff7f",
                 "#ff7fff", "#7fffff", "#7f7fff", "#7fff7f", "#ff7f7f"];
 const $ = (id) => document.getElementById(id);
+// black text on light colours, white on dark ones (relative luminance of "#rrggbb")
+const textColor = (hex) => {
+  const [r, g, b] = [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16));
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b > 140 ? "#000" : "#fff";
+};
 const state = { model: null, history: [], images: [], pending: [], busy: null };
 
 function headers() {
@@ -60,7 +65,7 @@ function renderAnswer(el, text) {
     if (m[1] !== undefined) {
       const span = document.createElement("span");
       span.className = "ref";
-      span.style.color = COLORS[box % COLORS.length];
+      span.style.borderBottomColor = COLORS[box % COLORS.length];
       span.textContent = m[1];
       el.append(span);
     } else if (m[2] !== undefined) {
@@ -95,11 +100,12 @@ function drawBoxes(msgEl, src, boxes) {
       ctx.strokeStyle = color;
       ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
       if (!b.label) return;
+      // label on a tab of the box colour, above the box (inside it at the top edge of the image)
       const w = ctx.measureText(b.label).width + 8, h = 18;
-      const tx = Math.min(x1, canvas.width - w), ty = y1 - h >= 0 ? y1 - h : y1 + 3;
-      ctx.fillStyle = "rgba(0, 0, 0, 0.65)";
-      ctx.fillRect(tx, ty, w, h);
+      const tx = Math.max(0, Math.min(x1 - 1.5, canvas.width - w)), ty = y1 - h >= 0 ? y1 - h : y1;
       ctx.fillStyle = color;
+      ctx.fillRect(tx, ty, w, h);
+      ctx.fillStyle = textColor(color);
       ctx.fillText(b.label, tx + 4, ty + 2);
     });
     msgEl.append(canvas);
