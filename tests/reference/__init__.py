@@ -1,0 +1,1 @@
+"""Independent references from PyPI (transformers) loaded with dsvl2's weights; see ``adapters.py``."""
