@@ -39,7 +39,9 @@ TIMEOUT = 60.0
 class ScriptedPipeline(Pipeline):
     """The real pipeline, except that a batch whose every row asks for grounding (``<|ref|>`` or
     ``<|grounding|>`` in the last user turn) or says ``SLOW`` gets a scripted answer, streamed in
-    small pieces (``SLOW``: 0.1 s each, for queue tests)."""
+    small pieces (``SLOW`` waits for :attr:`gate` first, for queue tests)."""
+
+    gate = threading.Event()  # open except while test_full_queue_is_503 holds it shut
 
     def events(self, batch: Any, args: Any, stop: Any, skip_special_tokens: bool) -> Iterator[Any]:
         tails = [f.rsplit("user:", 1)[-1] for f in batch.sft_format]
@@ -48,15 +50,19 @@ class ScriptedPipeline(Pipeline):
             yield from super().events(batch, args, stop, skip_special_tokens)
             return
         assert all(s is not None for s in scripted), "tests send scripted prompts alone"
-        delay = 0.1 if any("SLOW" in t for t in tails) else 0.01
+        if any("SLOW" in t for t in tails):
+            assert self.gate.wait(TIMEOUT), "the test never opened the gate"
         out = []
         for row, text in enumerate(scripted):
             for i in range(0, len(text), 7):
-                time.sleep(delay)
+                time.sleep(0.01)
                 yield row, text[i:i + 7]
             prompt = int(batch.attention_mask[row].sum())
             out.append(Completion(text, list(range(len(text) // 4)), "stop", prompt))
         yield out
+
+
+ScriptedPipeline.gate.set()
 
 
 def _script(tail: str) -> str | None:
@@ -245,15 +251,19 @@ def test_nonstream_disconnect_cancels_generation(server: str) -> None:
 
 def test_full_queue_is_503(pipe: ScriptedPipeline) -> None:
     args = ServeArgs(max_queue=1, max_batch_size=1, batch_wait_ms=0)
+    slow = {"messages": [user("SLOW please")]}
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(post(base, slow).status_code)) for _ in range(2)]
     with background_server(create_app(pipe, args)) as base:
-        slow = {"messages": [user("SLOW please")]}
-        results: list[int] = []
-        threads = [threading.Thread(target=lambda: results.append(post(base, slow).status_code)) for _ in range(2)]
-        threads[0].start()
-        _wait_health(base, lambda h: h["running"] == 1)
-        threads[1].start()
-        _wait_health(base, lambda h: h["queued"] == 1)
-        r = post(base, slow)
+        pipe.gate.clear()  # the first SLOW request holds the engine until the gate opens
+        try:
+            threads[0].start()
+            _wait_health(base, lambda h: h["running"] == 1)
+            threads[1].start()
+            _wait_health(base, lambda h: h["queued"] == 1)
+            r = post(base, slow)
+        finally:
+            pipe.gate.set()
         assert r.status_code == 503 and r.json()["error"]["code"] == "server_overloaded"
         for t in threads:
             t.join(TIMEOUT)
