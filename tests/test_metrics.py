@@ -190,6 +190,7 @@ def test_mcq_score():
     assert score("ai2d", "B", "B", choices=CHOICES) == 1.0
     assert score("mmbench", "dog", ["B"], choices=CHOICES) == 1.0
     assert score("mmstar", "A", "B", choices=["cat", "dog"]) == 0.0  # list -> letters A, B
+    assert score("ai2d", "the dog", "B", options=CHOICES) == 1.0  # "options" is accepted too
     assert score("mmstar", "I cannot tell", "B", choices=CHOICES) == 0.0  # no letter: wrong, no judge
     with pytest.raises(InputError, match="choices"):
         score("ai2d", "B", "B")

@@ -330,8 +330,8 @@ def score(task: str, prediction: str, answers: Any, **extra: Any) -> float:
     textvqa                         the (10) human answers -> :func:`vqa_accuracy`
     ocrbench                        accepted strings; ``question_type`` (or ``category``),
                                     ``dataset`` -> :func:`ocrbench_match` (0/1, x1000 later)
-    ai2d, mmstar, mmbench, mmmu     gold letter (or ``[letter]``); ``choices`` = {letter: text}
-                                    or a list of option texts -> :func:`multiple_choice`.
+    ai2d, mmstar, mmbench, mmmu     gold letter (or ``[letter]``); ``choices`` (or ``options``) =
+                                    {letter: text} or a list of option texts -> :func:`multiple_choice`.
                                     mmmu with ``question_type="open"`` (or no choices): gold
                                     text, scored as VLMEvalKit's 2-option MCQ
                                     {A: gold, B: "Other Answers"}, gold letter A
@@ -356,7 +356,7 @@ def score(task: str, prediction: str, answers: Any, **extra: Any) -> float:
         return ocrbench_match(prediction, answers, question_type=qtype, dataset=extra.get("dataset"))
     if name in MCQ_TASKS:
         gold = answers[0] if not isinstance(answers, str) else answers
-        choices = extra.get("choices")
+        choices = extra.get("choices", extra.get("options"))
         if name == "mmmu" and (extra.get("question_type") == "open" or not choices):
             return multiple_choice(prediction, "A", {"A": gold, "B": "Other Answers"})
         if not choices:
