@@ -1,0 +1,40 @@
+# dsvl2 — every target does its own set-up on a fresh machine.
+#   make demo    answer a question about an image with the shipped demo model
+#   make test    the test suite (what CI runs)
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+IMAGE   ?= dsvl2/demo/examples/reading.png
+QUESTION ?= Read the text in the image.
+
+.PHONY: setup demo test test-all browser bench clean demo-model
+
+$(BIN)/dsvl2: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first and pinned: the CPU wheel on disk (never let pip resolve a multi-GB CUDA build)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(BIN)/dsvl2
+
+demo: setup
+	$(BIN)/dsvl2 chat --image $(IMAGE) "$(QUESTION)"
+
+browser:
+	bash scripts/install-browser.sh || echo "chromium could not be installed: the web-page test will be skipped"
+
+test: setup browser
+	$(BIN)/python -m pytest -q
+
+test-all: setup browser
+	$(BIN)/python -m pytest -q -m ''
+
+bench: setup
+	$(BIN)/python bench/decode.py
+
+demo-model: setup
+	$(BIN)/python -m dsvl2.demo.build --out dsvl2/demo/model
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

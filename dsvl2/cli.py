@@ -1,0 +1,131 @@
+"""``dsvl2`` command line: chat | ground | serve | info | eval | train.
+
+Each subcommand parses flags and calls a library function a user could call directly. Heavy
+subsystems (server, training, evaluation) are imported only when their subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from .errors import DSVL2Error
+
+EXAMPLES = {
+    "chat": "dsvl2 chat --image photo.png \"What is in this picture?\"      # shipped demo model\n"
+            "  dsvl2 chat --model ./deepseek-vl2-tiny --image a.png --image b.png \"Compare them.\"\n"
+            "  dsvl2 chat --model ./deepseek-vl2-tiny                        # interactive, multi-turn",
+    "ground": "dsvl2 ground --image shapes.png \"the red circle\" -o boxes.png",
+    "serve": "dsvl2 serve --model ./deepseek-vl2-tiny --port 8000   # OpenAI API + web chat on 127.0.0.1",
+    "info": "dsvl2 info --model ./deepseek-vl2-tiny     # or: dsvl2 info --preset small",
+    "eval": "dsvl2 eval --task demo --data demo_eval/data.jsonl --out runs/eval-demo",
+    "train": "dsvl2 train --stage 3 --config recipe.toml --data train.jsonl --out runs/sft",
+}
+
+# subcommand -> (module, add-arguments function, main function, help)
+COMMANDS = {
+    "chat": ("dsvl2.cli_serve", "add_chat_arguments", "chat_main", "ask about images (REPL without a question)"),
+    "ground": ("dsvl2.cli_serve", "add_ground_arguments", "ground_main", "locate an object and draw its box"),
+    "serve": ("dsvl2.cli_serve", "add_serve_arguments", "serve_main", "OpenAI-compatible HTTP server + web chat"),
+    "info": ("dsvl2.cli", "add_info_arguments", "info_main", "parameters, activated parameters, memory"),
+    "eval": ("dsvl2.evaluation.run", "add_eval_arguments", "eval_main", "run a benchmark from local files"),
+    "train": ("dsvl2.cli_train", "add_train_arguments", "train_main", "train a stage (align / pretrain / sft)"),
+}
+
+
+def add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--model", help="model directory (reads config.json only; default: the demo model)")
+    src.add_argument("--preset", choices=["tiny", "small", "base", "toy"], help="a built-in config instead")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--context", type=int, default=None, help="tokens of KV cache to budget (default: the context limit)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def info_main(args: argparse.Namespace) -> int:
+    from .config import PRESETS, DSVL2Config
+    from .stats import count_parameters, human
+
+    if args.preset:
+        cfg, source = PRESETS[args.preset], f"preset {args.preset}"
+    else:
+        if args.model is None:
+            from .demo import default_model_dir
+
+            args.model = str(default_model_dir())
+        cfg, source = DSVL2Config.from_hf_json(args.model), args.model
+    lc = cfg.language_config
+    counts = count_parameters(cfg)
+    width = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
+    context = args.context or lc.max_position_embeddings
+    kv_token = lc.cache_values_per_token * lc.num_hidden_layers * width
+    info = {
+        "source": source,
+        "attention": "MLA (latent cache)" if lc.use_mla else "MHA",
+        "router": f"{lc.topk_method}/{lc.scoring_func}, {lc.num_experts_per_tok} of {lc.n_routed_experts} experts "
+                  f"+ {lc.n_shared_experts} shared",
+        "layers": lc.num_hidden_layers, "hidden": lc.hidden_size, "vocab": lc.vocab_size,
+        "tile": cfg.vision_config.image_size, "params_total": counts.total, "params_activated": counts.activated,
+        "params_read_per_decoded_token": counts.decode_read, "dtype": args.dtype,
+        "weights_bytes": counts.total * width, "kv_cache_bytes_per_token": kv_token,
+        "kv_cache_bytes_at_context": kv_token * context, "context": context,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model        {source}")
+    print(f"attention    {info['attention']}; router {info['router']}")
+    print(f"layers       {lc.num_hidden_layers} x hidden {lc.hidden_size}, vocab {lc.vocab_size}, tile {info['tile']} px")
+    print(f"parameters   {human(counts.total)} total, {human(counts.activated)} activated per token "
+          f"({human(counts.decode_read)} read per decoded token)")
+    print(f"  vision {human(counts.vision)} (+{human(counts.vision_unused_pool)} unused pooling head), "
+          f"projector {human(counts.projector)}, embeddings {human(counts.embed)}, lm_head {human(counts.lm_head)}")
+    print(f"  attention {human(counts.attention)}, dense FFN {human(counts.dense_ffn)}, shared experts "
+          f"{human(counts.shared_experts)}, routed experts {human(counts.routed_experts)}")
+    print(f"memory       weights {human(info['weights_bytes'], 'B')} in {args.dtype}; KV cache "
+          f"{human(kv_token, 'B')}/token -> {human(kv_token * context, 'B')} at {context} tokens")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsvl2", description="DeepSeek-VL2 in plain PyTorch: chat, ground, serve, evaluate, train.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  " + "\n  ".join(EXAMPLES[c] for c in ("chat", "ground", "serve", "info")),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, add, main, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog="example:\n  " + EXAMPLES[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        try:
+            getattr(importlib.import_module(module), add)(p)
+        except ImportError as e:  # an optional extra is missing: say which, at run time
+            p.set_defaults(_missing=str(e))
+        p.set_defaults(_main=(module, main))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    if getattr(args, "_missing", None):
+        print(f"dsvl2 {args.command}: {args._missing} (install the extra, e.g. pip install 'dsvl2[serve]')",
+              file=sys.stderr)
+        return 2
+    module, func = args._main
+    try:
+        return int(getattr(importlib.import_module(module), func)(args) or 0)
+    except DSVL2Error as e:
+        print(f"dsvl2 {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
