@@ -46,7 +46,8 @@ SERVE_HELP = {
 
 # ---- shared ----------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def load_progress(enabled: bool | None = None, stream: IO[str] | None = None) -> Iterator[Callable[[int, int], None] | None]:
+def load_progress(enabled: bool | None = None,
+                  stream: IO[str] | None = None) -> Iterator[Callable[[int, int], None] | None]:
     """A ``progress(done_bytes, total_bytes)`` callback for ``dsvl2.load`` drawing a bar on ``stream``.
 
     ``enabled=None`` shows it only when ``stream`` (stderr) is a terminal. Uses tqdm if importable.

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_server import BOX_A, ScriptedPipeline, load_micro, scene_image
+from test_server import BOX_A, ScriptedPipeline, load_micro, px, scene_image
 
 import dsvl2
 from dsvl2 import cli_serve
@@ -70,7 +70,9 @@ def test_repl_keeps_history_and_commands(cached: ScriptedPipeline, image: Path,
     seen: list[list[dict[str, Any]]] = []
     real_chat = cached.chat
     monkeypatch.setattr(cached, "chat", lambda messages, **kw: seen.append(list(messages)) or real_chat(messages, **kw))
-    stdin = io.StringIO(f"/image {image}\n/image /no/such.png\nWhat is it?\n\nAnd now?\n/reset\nHello\n/quit\nignored\n")
+    lines = [f"/image {image}", "/image /no/such.png", "What is it?", "", "And now?", "/reset", "Hello", "/quit",
+             "ignored"]
+    stdin = io.StringIO("\n".join(lines) + "\n")
     args = parse(cli_serve.add_chat_arguments, ["--max-new-tokens", "3"])
     out = io.StringIO()
     assert cli_serve.chat_main(args, stdin=stdin, out=out) == 0
@@ -94,8 +96,8 @@ def test_chat_ground_draws_boxes(cached: ScriptedPipeline, image: Path, tmp_path
     out = io.StringIO()
     assert cli_serve.chat_main(args, out=out) == 0
     assert "1 box(es) drawn" in out.getvalue()
-    x1, y1 = int(BOX_A[0] / 999 * 240), int(BOX_A[1] / 999 * 160)
-    assert _red_at(target, (x1, (y1 + int(BOX_A[3] / 999 * 160)) // 2))  # left edge of the box outline
+    x1, y1, _, y2 = px(BOX_A, (240, 160))
+    assert _red_at(target, (x1, (y1 + y2) // 2))  # left edge of the box outline
 
 
 def test_ground_command(cached: ScriptedPipeline, image: Path, tmp_path: Path) -> None:
@@ -103,7 +105,7 @@ def test_ground_command(cached: ScriptedPipeline, image: Path, tmp_path: Path) -
     out = io.StringIO()
     args = parse(cli_serve.add_ground_arguments, ["--image", str(image), "the red square", "-o", str(target)])
     assert cli_serve.ground_main(args, out=out) == 0
-    box = [int(BOX_A[0] / 999 * 240), int(BOX_A[1] / 999 * 160), int(BOX_A[2] / 999 * 240), int(BOX_A[3] / 999 * 160)]
+    box = px(BOX_A, (240, 160))
     assert out.getvalue().splitlines()[0] == "the red square\t" + " ".join(map(str, box))
     assert _red_at(target, (box[0], (box[1] + box[3]) // 2))
     out = io.StringIO()

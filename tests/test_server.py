@@ -27,10 +27,10 @@ httpx = pytest.importorskip("httpx", reason="the server tests need the test extr
 pytest.importorskip("fastapi", reason="the server tests need the serve extra (fastapi)")
 pytest.importorskip("uvicorn", reason="the server tests need the serve extra (uvicorn)")
 
-from dsvl2.serving import ServeArgs  # noqa: E402
-from dsvl2.serving.app import background_server, create_app  # noqa: E402
-from dsvl2.serving.engine import Engine, EngineRequest, QueueFull  # noqa: E402
-from dsvl2.serving.protocol import APIError, ChatRequest, grounding_entries  # noqa: E402
+from dsvl2.serving import ServeArgs
+from dsvl2.serving.app import background_server, create_app
+from dsvl2.serving.engine import Engine, EngineRequest, QueueFull
+from dsvl2.serving.protocol import APIError, ChatRequest, grounding_entries
 
 BOX_A, BOX_B = [100, 200, 500, 700], [600, 300, 900, 800]
 TIMEOUT = 60.0
@@ -77,14 +77,18 @@ def _script(tail: str) -> str | None:
     return None
 
 
+def px(box: list[int], size: tuple[int, int]) -> list[int]:
+    """0-999 corners -> pixels of a ``size`` image, by the spec 9.1 rule ``int(v / 999 * W)``."""
+    w, h = size
+    return [int(box[0] / 999 * w), int(box[1] / 999 * h), int(box[2] / 999 * w), int(box[3] / 999 * h)]
+
+
 def scene_image(size: tuple[int, int] = (480, 320)) -> Image.Image:
     """A red square exactly at BOX_A and a blue circle at BOX_B (0-999 coordinates)."""
     img = Image.new("RGB", size, (235, 235, 225))
     draw = ImageDraw.Draw(img)
-    to_px = lambda b: [int(b[0] / 999 * size[0]), int(b[1] / 999 * size[1]),  # noqa: E731
-                       int(b[2] / 999 * size[0]), int(b[3] / 999 * size[1])]
-    draw.rectangle(to_px(BOX_A), fill=(210, 40, 40))
-    draw.ellipse(to_px(BOX_B), fill=(40, 70, 210))
+    draw.rectangle(px(BOX_A, size), fill=(210, 40, 40))
+    draw.ellipse(px(BOX_B, size), fill=(40, 70, 210))
     return img
 
 
@@ -170,6 +174,7 @@ BAD = [  # (body, status, code, param)
     ({"messages": [user("hi")], "stream": "yes"}, 422, "invalid_type", "stream"),
     ({"messages": [user("hi")], "n": 2}, 400, "unsupported_parameter", "n"),
     ({"messages": [user("hi")], "temperature": -1}, 400, "invalid_value", "temperature"),
+    ({"messages": [user("hi")], "temperature": 1, "seed": 2**70}, 400, "invalid_value", "seed"),
     ({"messages": [user("hi")], "tools": [{"type": "function"}]}, 400, "unsupported_parameter", "tools"),
     ({"messages": [user("look", "data:image/png;base64,@@not-base64@@")]}, 400, "invalid_base64", None),
     ({"messages": [user("look", "data:image/png;base64," + base64.b64encode(b"just some text").decode())]},

@@ -19,12 +19,21 @@ from PIL import Image
 openai = pytest.importorskip("openai", reason="needs the test extra (openai)")
 pytest.importorskip("fastapi", reason="needs the serve extra (fastapi)")
 
-from test_server import (BOX_A, BOX_B, TIMEOUT, ScriptedPipeline, load_micro, png_data_url,  # noqa: E402
-                         scene_image, user)
+from test_server import (
+    BOX_A,
+    BOX_B,
+    TIMEOUT,
+    ScriptedPipeline,
+    load_micro,
+    png_data_url,
+    px,
+    scene_image,
+    user,
+)
 
-from dsvl2.processing.template import stop_strings  # noqa: E402
-from dsvl2.serving import ServeArgs  # noqa: E402
-from dsvl2.serving.app import background_server, create_app  # noqa: E402
+from dsvl2.processing.template import stop_strings
+from dsvl2.serving import ServeArgs
+from dsvl2.serving.app import background_server, create_app
 
 KEY = "test-key"
 MODEL = "micro-mha"
@@ -100,31 +109,27 @@ def test_grounding_boxes(client: openai.OpenAI) -> None:
                                                                    png_data_url(image))])
     message = r.choices[0].message
     assert message.content == f"<|ref|>the red square<|/ref|><|det|>[{BOX_A}]<|/det|>"
-    x1, y1, x2, y2 = BOX_A
-    assert message.grounding == [{  # type: ignore[attr-defined]  (extension field)
-        "label": "the red square", "box_999": BOX_A, "image_index": 0,
-        "box": [int(x1 / 999 * 480), int(y1 / 999 * 320), int(x2 / 999 * 480), int(y2 / 999 * 320)],
-    }]
+    assert message.grounding == [  # type: ignore[attr-defined]  (extension field)
+        {"label": "the red square", "box_999": BOX_A, "image_index": 0, "box": px(BOX_A, (480, 320))}]
 
 
 def test_grounding_boxes_streamed_refer_to_last_image(client: openai.OpenAI) -> None:
     messages = [user("<|grounding|>Describe the scene.", png_data_url((50, 50)), png_data_url(scene_image((300, 200))))]
     chunks = list(client.chat.completions.create(model=MODEL, messages=messages, stream=True))
-    final = [c for c in chunks if c.choices and c.choices[0].finish_reason][0]
+    final = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
     grounding: list[dict[str, Any]] = final.choices[0].delta.grounding  # type: ignore[attr-defined]
     assert [(g["label"], g["box_999"], g["image_index"]) for g in grounding] == [
         ("red square", BOX_A, 1), ("blue circle", BOX_B, 1)]
-    assert grounding[1]["box"] == [int(600 / 999 * 300), int(300 / 999 * 200), int(900 / 999 * 300),
-                                   int(800 / 999 * 200)]
+    assert grounding[1]["box"] == px(BOX_B, (300, 200)) == [180, 60, 270, 160]
 
 
 def test_errors_surface_as_client_exceptions(client: openai.OpenAI, base: str) -> None:
     cases = [
-        (openai.NotFoundError, dict(model="gpt-4o", messages=[user("hi")])),
-        (openai.BadRequestError, dict(model=MODEL, messages=[user("x", "data:image/png;base64,!!!")])),
-        (openai.BadRequestError, dict(model=MODEL, messages=[user("x", png_data_url())] * 5)),
-        (openai.BadRequestError, dict(model=MODEL, messages=[user("hi")], max_tokens=100_000)),
-        (openai.UnprocessableEntityError, dict(model=MODEL, messages=[{"role": "user", "content": 5}])),
+        (openai.NotFoundError, {"model": "gpt-4o", "messages": [user("hi")]}),
+        (openai.BadRequestError, {"model": MODEL, "messages": [user("x", "data:image/png;base64,!!!")]}),
+        (openai.BadRequestError, {"model": MODEL, "messages": [user("x", png_data_url())] * 5}),
+        (openai.BadRequestError, {"model": MODEL, "messages": [user("hi")], "max_tokens": 100_000}),
+        (openai.UnprocessableEntityError, {"model": MODEL, "messages": [{"role": "user", "content": 5}]}),
     ]
     for kind, kwargs in cases:
         with pytest.raises(kind) as info:
@@ -148,7 +153,9 @@ def test_16_concurrent_requests_equal_sequential(client: openai.OpenAI, base: st
         return r.choices[0].message.content or ""
 
     sequential = [ask(k) for k in range(8)]
-    health = lambda: httpx.get(base + "/health", headers={"Authorization": f"Bearer {KEY}"}).json()  # noqa: E731
+    def health() -> dict[str, Any]:
+        return httpx.get(base + "/health", headers={"Authorization": f"Bearer {KEY}"}).json()
+
     before = health()
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         concurrent_answers = list(pool.map(ask, range(16)))

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_server import BOX_A, TIMEOUT, ScriptedPipeline, load_micro, png_data_url, scene_image, user
+from test_server import (
+    BOX_A,
+    TIMEOUT,
+    ScriptedPipeline,
+    load_micro,
+    png_data_url,
+    px,
+    scene_image,
+    user,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -20,8 +29,8 @@ if not CHROMIUM.exists():
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs the test extra (playwright)")
 pytest.importorskip("fastapi", reason="needs the serve extra (fastapi)")
 
-from dsvl2.serving import ServeArgs  # noqa: E402
-from dsvl2.serving.app import background_server, create_app  # noqa: E402
+from dsvl2.serving import ServeArgs
+from dsvl2.serving.app import background_server, create_app
 
 SIZE = (480, 320)
 WAIT_MS = 30_000
@@ -94,8 +103,8 @@ def test_grounding_answer_draws_boxes(page: object, scene: Path, tmp_path: Path)
     labels = answer.locator(".ref").all_inner_texts()  # type: ignore[attr-defined]
     assert labels == ["red square", "blue circle"]
     # the red outline sits on the left edge of BOX_A (canvas drawn at the image's own size here)
-    x = int(BOX_A[0] / 999 * SIZE[0])
-    y = (int(BOX_A[1] / 999 * SIZE[1]) + int(BOX_A[3] / 999 * SIZE[1])) // 2
+    x, y1, _, y2 = px(BOX_A, SIZE)
+    y = (y1 + y2) // 2
     pixel = canvas.evaluate(f"c => Array.from(c.getContext('2d').getImageData({x}, {y}, 1, 1).data)")
     assert pixel[:3] == [255, 0, 0]
     page.screenshot(path=str(tmp_path / "grounding.png"), full_page=True)  # type: ignore[attr-defined]

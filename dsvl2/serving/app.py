@@ -39,8 +39,17 @@ from ..pipeline import Completion, Pipeline
 from ..processing.template import stop_strings
 from . import ServeArgs
 from .engine import Engine, EngineRequest, EngineStopped, QueueFull
-from .protocol import (APIError, ChatRequest, ImagePolicy, chunk_body, completion_body, grounding_entries, invalid,
-                       load_image_url, usage)
+from .protocol import (
+    APIError,
+    ChatRequest,
+    ImagePolicy,
+    chunk_body,
+    completion_body,
+    grounding_entries,
+    invalid,
+    load_image_url,
+    usage,
+)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 API_KEY_ENV = "DSVL2_API_KEY"
@@ -162,13 +171,13 @@ def create_app(pipe: Pipeline, args: ServeArgs | None = None) -> FastAPI:
                           " tokens", "messages", "context_length_exceeded")
         max_tokens = req.max_tokens or min(args.default_max_tokens, context - prompt)
         if prompt + max_tokens > context:
-            raise invalid(f"this model's maximum context length is {context} tokens; you requested {prompt + max_tokens}"
-                          f" ({prompt} in the messages, {max_tokens} in the completion)", "max_tokens",
-                          "context_length_exceeded")
+            raise invalid(f"this model's maximum context length is {context} tokens; you requested"
+                          f" {prompt + max_tokens} ({prompt} in the messages, {max_tokens} in the completion)",
+                          "max_tokens", "context_length_exceeded")
         try:
             gen = GenerateArgs(max_tokens, req.temperature, req.top_p, req.top_k, req.repetition_penalty, req.seed,
                                args.chunk_size)
-            gen.sampling  # noqa: B018 - validates the sampling values
+            _ = gen.sampling  # SamplingParams checks the values
         except InputError as exc:
             raise invalid(str(exc), code="invalid_value") from exc
         return Prepared(conversation, sizes, gen, req.stop + stop_strings(pipe.tokenizer.eos_token), batch)

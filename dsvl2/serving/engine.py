@@ -188,7 +188,7 @@ class Engine:
                 if self._stopping or all(r.cancelled.is_set() for r in group):
                     self.stats.aborted_batches += 1
                     break
-        except Exception as exc:  # noqa: BLE001 - every request of the batch learns why it failed
+        except Exception as exc:  # noqa: BLE001  (any failure reaches every request of the batch)
             finished = True
             for req in group:
                 req.on_event(("error", exc))
@@ -201,7 +201,7 @@ class Engine:
                     req.on_event(("error", EngineStopped("generation was stopped before it finished")))
 
     def _finish(self, group: list[EngineRequest], completions: list[Completion]) -> None:
-        for req, completion in zip(group, completions):
+        for req, completion in zip(group, completions, strict=True):
             if not req.cancelled.is_set():
                 req.on_event(("done", completion))
                 self.stats.completed += 1

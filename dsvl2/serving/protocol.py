@@ -117,8 +117,12 @@ class ChatRequest:
             raise invalid("temperature must be between 0 and 2", "temperature", "invalid_value")
         if not 0 < req.top_p <= 1:
             raise invalid("top_p must be in (0, 1]", "top_p", "invalid_value")
-        if req.top_k < 0 or req.repetition_penalty <= 0:
-            raise invalid("top_k must be >= 0 and repetition_penalty > 0", "top_k", "invalid_value")
+        if req.seed is not None and not -(2**63) <= req.seed < 2**63:
+            raise invalid("seed must fit in a signed 64-bit integer", "seed", "invalid_value")
+        if req.top_k < 0:
+            raise invalid("top_k must be >= 0", "top_k", "invalid_value")
+        if req.repetition_penalty <= 0:
+            raise invalid("repetition_penalty must be > 0", "repetition_penalty", "invalid_value")
         return req
 
 
@@ -234,7 +238,7 @@ def load_image_url(url: str, policy: ImagePolicy, param: str) -> Image.Image:
 
 def _fetch(url: str, policy: ImagePolicy, param: str) -> bytes:
     try:
-        with urllib.request.urlopen(url, timeout=policy.timeout_s) as response:  # noqa: S310 (scheme checked)
+        with urllib.request.urlopen(url, timeout=policy.timeout_s) as response:  # scheme checked above
             return response.read(policy.max_bytes + 1)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise invalid(f"could not fetch image {url[:100]}: {exc}", param, "image_fetch_failed") from exc
