@@ -111,6 +111,7 @@ class MoE(nn.Module):
         )
         self.last_aux_loss: torch.Tensor | None = None
         self.last_expert_counts: torch.Tensor | None = None
+        self.balance_mask: torch.Tensor | None = None  # (B, T) real tokens, set by a trainer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -124,21 +125,31 @@ class MoE(nn.Module):
         return y
 
     def _record_balance(self, idx: torch.Tensor, scores: torch.Tensor, b: int, t: int) -> None:
-        """Sequence-level balance loss (``seq_aux``) of the official gate, plus counts for bias updates."""
+        """Sequence-level balance loss (``seq_aux``) of the official gate, plus counts for bias updates.
+
+        ``balance_mask`` (B, T), when a trainer sets it, leaves padding out of the counts and score means
+        (the official gate counts every position; with no mask the result is the official one).
+        """
         e, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        mask = self.balance_mask
+        valid = (mask.reshape(b, t).to(torch.float32) if mask is not None and mask.numel() == b * t
+                 else torch.ones(b, t, device=idx.device))  # (B, T)
         counts = torch.zeros(b, e, device=idx.device, dtype=torch.float32)
-        counts.scatter_add_(1, idx.view(b, t * k), torch.ones(b, t * k, device=idx.device))
+        counts.scatter_add_(1, idx.view(b, t * k), valid.repeat_interleave(k, dim=1))
         self.last_expert_counts = counts.sum(0).detach()
         alpha = self.cfg.aux_loss_alpha
         if alpha <= 0:
             self.last_aux_loss = None
             return
+        n = valid.sum(dim=1).clamp_min(1.0)  # (B,) real tokens per sequence
+        weighted = scores.view(b, t, e) * valid.unsqueeze(-1)  # (B, T, E)
         if self.cfg.seq_aux:
-            ce = counts / (t * k / e)  # (B, E)
-            self.last_aux_loss = alpha * (ce * scores.view(b, t, e).mean(dim=1)).sum(dim=1).mean()
+            ce = counts / (n.unsqueeze(1) * k / e)  # (B, E)
+            self.last_aux_loss = alpha * (ce * (weighted.sum(dim=1) / n.unsqueeze(1))).sum(dim=1).mean()
         else:
-            freq = counts.sum(0) / (b * t * k) * e
-            self.last_aux_loss = alpha * (freq * scores.mean(dim=0)).sum()
+            total = n.sum()
+            freq = counts.sum(0) / (total * k) * e
+            self.last_aux_loss = alpha * (freq * weighted.sum(dim=(0, 1)) / total).sum()
 
     @torch.no_grad()
     def update_bias(self, rate: float) -> None:

@@ -370,3 +370,94 @@ def block_causal_mask(seq_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones((T, T), dtype=torch.bool, device=seq_ids.device).tril()  # (T, T)
     same = seq_ids[:, :, None] == seq_ids[:, None, :]  # (B, T, T)
     return (same & causal)[:, None]  # (B, 1, T, T)
+
+
+# ---- mixtures: which samples make up optimizer step s ----------------------------------------------
+class SampleSource:
+    """What a mixture draws from: ``len()`` items, ``source[i]`` -> :class:`TokenizedSample`.
+
+    A finite source (a :class:`ConversationDataset`) is read in a fresh seeded permutation every
+    epoch. A generator of synthetic samples sets ``shuffle = False`` and a huge length: item ``i`` is
+    already a function of ``i`` alone.
+    """
+
+    shuffle: bool = True
+
+    def __len__(self) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> TokenizedSample:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The samples of one optimizer step, as (source name, item index), for this process only."""
+
+    step: int
+    items: tuple[tuple[str, int], ...]
+    counters: dict[str, int]  # draws per source after this step (the data position to resume from)
+
+
+class Mixture:
+    """Deterministic weighted mixture of named sources, resumable from a per-source draw counter.
+
+    Step ``s`` draws ``batch_size`` source names with ``Random(f"{seed}/{s}")`` (weights from the
+    stage); the k-th draw from a source takes its item ``perm_epoch[k % n]``. With ``world`` processes,
+    every process computes the same global list and keeps its contiguous share, so 2 x (B/2) sees
+    exactly the samples of 1 x B.
+    """
+
+    def __init__(self, sources: dict[str, Any], weights: dict[str, float], seed: int = 0) -> None:
+        missing = sorted(set(weights) - set(sources))
+        if missing:
+            raise InputError(f"the stage's mixture names source(s) {missing} that were not given; "
+                             f"available: {sorted(sources)}")
+        self.names = [n for n in sorted(weights) if weights[n] > 0]
+        for name in self.names:
+            if len(sources[name]) == 0:
+                raise InputError(f"data source {name!r} is empty")
+        self.weights = [weights[n] for n in self.names]
+        self.sources = sources
+        self.seed = seed
+        self._perms: dict[tuple[str, int], list[int]] = {}
+
+    def _item(self, name: str, draw: int) -> int:
+        source = self.sources[name]
+        if not getattr(source, "shuffle", True):
+            return draw % len(source)
+        epoch, pos = divmod(draw, len(source))
+        key = (name, epoch)
+        if key not in self._perms:
+            gen = torch.Generator().manual_seed(hash_seed(f"{self.seed}/{name}/{epoch}"))
+            self._perms = {key: torch.randperm(len(source), generator=gen).tolist()}  # keep one epoch
+        return self._perms[key][pos]
+
+    def plan(self, step: int, batch_size: int, counters: dict[str, int], rank: int = 0,
+             world: int = 1) -> StepPlan:
+        """The items of ``step`` for process ``rank``; ``counters`` is the position before the step."""
+        import random
+
+        if batch_size % world:
+            raise InputError(f"batch_size {batch_size} is not divisible by the {world} processes")
+        counters = dict(counters)
+        draws = random.Random(f"{self.seed}/{step}").choices(self.names, self.weights, k=batch_size)
+        items = []
+        for name in draws:
+            k = counters.get(name, 0)
+            counters[name] = k + 1
+            items.append((name, self._item(name, k)))
+        share = batch_size // world
+        return StepPlan(step, tuple(items[rank * share:(rank + 1) * share]), counters)
+
+    def batch(self, plan: StepPlan, max_length: int, pad_id: int) -> TrainBatch:
+        """Tokenise, pack (best fit, ``max_length``) and pad the plan's samples."""
+        samples = [self.sources[name][index] for name, index in plan.items]
+        return collate(pack(samples, max_length), pad_id)
+
+
+def hash_seed(text: str) -> int:
+    """A stable 63-bit seed from a string (Python's ``hash`` is salted per process)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
