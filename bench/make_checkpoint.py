@@ -40,7 +40,7 @@ def build(preset: str, out: Path, dtype: torch.dtype, layers: int | None, seed: 
     cfg.save(out)
     with torch.device("meta"):
         model = DSVL2(cfg)
-    specs = [(k, tuple(t.shape)) for k, t in iter_official_tensors(model)]
+    specs = [(k, tuple(t.shape)) for k, t in iter_official_tensors(model)] + attn_pool_specs(cfg)
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for key, shape in specs:
         n = dtype.itemsize * (torch.Size(shape).numel())
@@ -78,6 +78,16 @@ def build(preset: str, out: Path, dtype: torch.dtype, layers: int | None, seed: 
                     patch_size=cfg.vision_config.patch_size, downsample_ratio=cfg.projector_config.downsample_ratio)
     (out / "processor_config.json").write_text(json.dumps(proc_cfg, indent=2))
     print(f"wrote {out} ({offset / 1e9:.2f} GB, {len(specs)} tensors) in {time.time() - t0:.0f}s")
+
+
+def attn_pool_specs(cfg) -> list[tuple[str, tuple[int, ...]]]:
+    """The SigLIP pooling head the released checkpoints carry but DeepSeek-VL2 never runs (spec §2.4)."""
+    w, m = cfg.vision_config.width, cfg.vision_config.mlp_dim
+    p = "vision.attn_pool."
+    return [(p + "latent", (1, 1, w)), (p + "q.weight", (w, w)), (p + "q.bias", (w,)), (p + "kv.weight", (2 * w, w)),
+            (p + "kv.bias", (2 * w,)), (p + "proj.weight", (w, w)), (p + "proj.bias", (w,)),
+            (p + "norm.weight", (w,)), (p + "norm.bias", (w,)), (p + "mlp.fc1.weight", (m, w)),
+            (p + "mlp.fc1.bias", (m,)), (p + "mlp.fc2.weight", (w, m)), (p + "mlp.fc2.bias", (w,))]
 
 
 def _our_name(official: str) -> str:
