@@ -76,13 +76,18 @@ def load_progress(enabled: bool | None = None,
             stream.write(f"\rloading weights {percent:3d}% ({done / 2**20:.0f}/{total / 2**20:.0f} MiB)")
             stream.flush()
 
+    ok = False
     try:
         yield progress
-    finally:
-        if state["bar"] is not None:
-            state["bar"].close()
+        ok = True
+    finally:  # bytes the model skips (the unused pooling head) never count: show a finished load as 100%
+        bar = state["bar"]
+        if bar is not None:
+            if ok:
+                bar.update(bar.total - bar.n)
+            bar.close()
         elif state["shown"] >= 0:
-            stream.write("\n")
+            stream.write(" done\n" if ok else "\n")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
