@@ -181,6 +181,7 @@ BAD = [  # (body, status, code, param)
      400, "invalid_image", None),
     ({"messages": [user("look", png_data_url(), png_data_url(), png_data_url())]}, 400, "too_many_images", None),
     ({"messages": [user("look", png_data_url((400, 400)))]}, 413, "image_too_large", None),
+    ({"messages": [user("look", png_data_url((290, 1)))]}, 400, "invalid_image", None),  # 290:1
     ({"messages": [user("look", "https://example.com/cat.png")]}, 400, "image_url_not_allowed", None),
     ({"messages": [user("look", "/etc/passwd")]}, 400, "image_url_not_allowed", None),
     ({"messages": [user("<image> <image> two tags", png_data_url())]}, 400, "invalid_messages", "messages"),

@@ -212,6 +212,8 @@ class ImagePolicy:
     allow_remote: bool = False  # http(s) URLs, fetched by the server
     local_dir: Path | None = None  # file paths / file:// URLs under this folder
     timeout_s: float = 10.0
+    # past ~768:1 the tiler's global view rounds the short side to 0 pixels (Pillow then raises)
+    max_aspect_ratio: float = 100.0
 
 
 def load_image_url(url: str, policy: ImagePolicy, param: str) -> Image.Image:
@@ -266,6 +268,9 @@ def _decode(raw: bytes, policy: ImagePolicy, param: str) -> Image.Image:
                               f" of {policy.max_pixels}", param, "image_too_large", 413)
             if img.width == 0 or img.height == 0:
                 raise invalid("image has zero size", param, "invalid_image")
+            if max(img.size) > policy.max_aspect_ratio * min(img.size):
+                raise invalid(f"image is {img.width}x{img.height}; sides more unequal than"
+                              f" {policy.max_aspect_ratio:g}:1 are refused", param, "invalid_image")
             return img.convert("RGB")  # full decode: a truncated file fails here
     except Image.DecompressionBombError as exc:
         raise invalid(f"image is too large: {exc}", param, "image_too_large", 413) from exc
