@@ -149,7 +149,7 @@ def serve_main(args: argparse.Namespace) -> int:
     app = create_app(pipe, serve)
     print(f"dsvl2: serving {app.state.model_id} on http://{serve.host}:{serve.port}/ (chat page at /, API at /v1)",
           file=sys.stderr)
-    uvicorn.run(app, host=serve.host, port=serve.port, log_level="info")
+    uvicorn.run(app, host=serve.host, port=serve.port, log_level="info", timeout_graceful_shutdown=10)
     return 0
 
 
