@@ -263,7 +263,7 @@ def build(out: Path, work: Path, smoke: bool = False, workers: int = 1, eval_n: 
     m = recipe["model"]
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = work / "tokenizer"
-    tokenizer = train_tokenizer(tok_dir, m["vocab"])
+    tokenizer = train_tokenizer(tok_dir, m["vocab"], corpus_size=60 if smoke else 3000)
     vocab = math.ceil(tokenizer.vocab_size / 64) * 64
     cfg = demo_config(m, vocab, tokenizer.bos_id, tokenizer.eos_id)
     pcfg = write_processor_config(cfg, tok_dir)

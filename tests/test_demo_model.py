@@ -1,0 +1,52 @@
+"""The demo model: the build runs end to end (smoke), and the shipped model loads and answers."""
+
+import json
+from random import Random
+
+import pytest
+import torch
+
+import dsvl2
+from dsvl2.demo import MODEL_DIR
+from dsvl2.demo.build import build
+from dsvl2.demo.tasks import load_words, make_sample
+
+
+def test_smoke_build_writes_a_loadable_model_with_card(tmp_path):
+    torch.set_num_threads(1)
+    card = build(tmp_path / "model", tmp_path / "work", smoke=True, workers=0, eval_n=1)
+    out = tmp_path / "model"
+    for name in ("config.json", "tokenizer.json", "processor_config.json", "README.md", "loss.png", "recipe.toml",
+                 "scores.json"):
+        assert (out / name).is_file(), name
+    assert set(card["scores"]["accuracy"]) == {"grounding", "reading", "charts"}
+    assert "Held-out scores" in (out / "README.md").read_text()
+    for n in (1, 2, 3):  # every stage ran through the shared loop
+        assert (tmp_path / "work" / f"stage{n}" / "metrics.jsonl").is_file()
+    pipe = dsvl2.load(out, dtype="fp32", device="cpu")
+    assert pipe.model.cfg.vision_config.image_size == 112
+
+
+shipped = pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(), reason="demo model not built")
+
+
+@shipped
+def test_shipped_model_is_small_and_documented():
+    size = sum(p.stat().st_size for p in MODEL_DIR.iterdir() if p.is_file())
+    assert size < 50 * 2 ** 20
+    card = json.loads((MODEL_DIR / "scores.json").read_text())
+    assert not card["smoke"] and min(card["scores"]["accuracy"].values()) >= 0.5
+    assert (MODEL_DIR / "loss.png").is_file() and "python -m dsvl2.demo.build" in (MODEL_DIR / "README.md").read_text()
+
+
+@shipped
+def test_default_model_answers_demo_images():
+    torch.set_num_threads(1)
+    pipe = dsvl2.load(dtype="fp32", device="cpu")  # no directory: the shipped demo model
+    assert pipe.model_dir == MODEL_DIR
+    rng, words = Random("dsvl2-test-demo-model"), load_words()
+    samples = [make_sample(task, rng, words) for task in ("reading", "charts") for _ in range(4)]
+    answers = pipe.generate_batch([[{"role": "user", "content": s.prompt, "images": [s.image]}] for s in samples],
+                                  max_new_tokens=12)
+    right = sum(a.strip() == s.answer for a, s in zip(answers, samples))
+    assert right >= len(samples) // 2, list(zip(answers, [s.answer for s in samples]))
