@@ -107,3 +107,13 @@ def test_normalize_values_and_layout():
     assert x[0, :, 0, 1].tolist() == [1.0, -1.0, -1.0]
     raw = normalize([tile], None, None)
     assert raw[0, 2, 0, 0].item() == 1.0 and raw[0, 0, 0, 0].item() == 0.0
+
+
+def test_extremely_elongated_image_is_a_clear_error():
+    from PIL import Image
+
+    from dsvl2.errors import InputError
+    from dsvl2.processing.tiling import pad_to
+
+    with pytest.raises(InputError, match="4000x2 pixels is too elongated"):
+        pad_to(Image.new("RGB", (4000, 2)), (384, 384))

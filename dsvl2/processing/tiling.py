@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dsvl2.errors import InputError
+
 
 def select_best_resolution(size: tuple[int, int], candidates: Sequence[Sequence[int]]) -> tuple[int, int]:
     """Pick the ``(width, height)`` candidate that keeps the most pixels, then wastes the least.
@@ -67,6 +69,11 @@ def pad_to(image: Image.Image, size: tuple[int, int], color: tuple[int, int, int
     """
     tw, th = size
     new_w, new_h = contain_size(image.size, size)
+    if new_w < 1 or new_h < 1:
+        raise InputError(
+            f"image of {image.size[0]}x{image.size[1]} pixels is too elongated: it would shrink to "
+            f"{new_w}x{new_h} inside the {tw}x{th} view (aspect ratio limit about {max(tw, th) * 2}:1)"
+        )
     resized = image.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
     if (new_w, new_h) == (tw, th):
         return resized
