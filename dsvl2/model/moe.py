@@ -13,9 +13,18 @@ gathered weights are (spec P8), and the bias is updated outside autograd (``upda
 
 Expert weights are stacked ``(E, I, D)`` tensors (``checkpoint.py`` stacks/unstacks the official
 per-expert keys), so routed experts are plain tensor indexing, with no per-expert modules.
+
+Dispatch (``dispatch``): the (token, slot) rows are sorted by expert id and each expert multiplies its
+contiguous block of rows in one grouped matmul (``torch._grouped_mm`` with per-expert row offsets
+computed on the device): no Python loop over experts, no host sync, autograd included. Each group is
+the same GEMM the official per-expert loop runs (same rows, same row count), so the result is
+bit-identical to ``Experts.forward_per_expert``, the plain loop kept beside it (tested), which is also
+the fallback where the grouped kernel is unavailable (CUDA before sm90, fp16/fp64).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +75,38 @@ class Router(nn.Module):
         return idx, weight, scores
 
 
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` runs for activations like ``x`` (CPU: fp32/bf16; CUDA: bf16 on sm90+)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        # The op's meta function (used when compiling) accepts bf16 only, as its CUDA kernel does.
+        return x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and not torch.compiler.is_compiling())
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return False
+
+
+def dispatch(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, n_experts: int,
+             run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """x (N, D), idx/weight (N, K) -> sum_k weight * expert_idx(x), in x's dtype.
+
+    ``run(rows, counts)`` applies the experts to ``rows`` (N*K, D), sorted by expert id with
+    ``counts`` (E,) int32 rows per expert, and returns (N*K, D). The combine is the official one:
+    outputs back in (token, slot) order, cast to fp32, weighted, summed over slots in router order.
+    """
+    n, k = idx.shape
+    flat = idx.reshape(-1)  # (N*K,)
+    order = flat.argsort(stable=True)
+    # bincount would size its output from max(flat) (a host sync on CUDA); scatter_add_ does not.
+    counts = torch.zeros(n_experts, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))  # (E,)
+    grouped = run(x[order // k], counts)  # (N*K, D) grouped by expert
+    out = torch.empty_like(grouped).index_copy(0, order, grouped)  # back to (token, slot) order
+    combined = (out.view(n, k, -1).to(weight.dtype) * weight.unsqueeze(-1)).sum(dim=1)  # (N, D) fp32
+    return combined.to(x.dtype)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts as stacked weights: gate/up (E, I, D), down (E, D, I)."""
 
@@ -79,25 +120,27 @@ class Experts(nn.Module):
         return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x (N, D), idx/weight (N, K) -> sum_k weight * expert_idx(x), in x's dtype.
+        """x (N, D), idx/weight (N, K) -> sum_k weight * expert_idx(x): one grouped GEMM per projection."""
+        run = self._grouped if grouped_mm_supported(x) else self._per_expert
+        return dispatch(x, idx, weight, self.gate_proj.shape[0], run)
 
-        Rows are grouped by expert (one stable sort); each expert with rows runs once on all of them.
-        """
-        n, k = idx.shape
-        flat = idx.reshape(-1)  # (N*K,)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
-        rows = x[order // k]  # (N*K, D) grouped by expert
-        outs = []
-        start = 0
-        for e, c in enumerate(counts):
+    def forward_per_expert(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The plain form: a Python loop running each expert once on its rows (reads counts on the host)."""
+        return dispatch(x, idx, weight, self.gate_proj.shape[0], self._per_expert)
+
+    def _grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offs = counts.cumsum(0, dtype=torch.int32)  # (E,) end row of each expert's block
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj  # read once (LoRA parametrizations)
+        h = F.silu(torch._grouped_mm(rows, gate.mT, offs=offs)) * torch._grouped_mm(rows, up.mT, offs=offs)
+        return torch._grouped_mm(h, down.mT, offs=offs)  # (N*K, D)
+
+    def _per_expert(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        outs, start = [], 0
+        for e, c in enumerate(counts.tolist()):
             if c:
                 outs.append(self.expert(e, rows[start:start + c]))
                 start += c
-        grouped = torch.cat(outs, dim=0)  # (N*K, D)
-        out = torch.empty_like(grouped).index_copy(0, order, grouped)  # back to (token, slot) order
-        combined = (out.view(n, k, -1).to(weight.dtype) * weight.unsqueeze(-1)).sum(dim=1)  # (N, D) fp32
-        return combined.to(x.dtype)
+        return torch.cat(outs, dim=0)
 
 
 class MoE(nn.Module):
