@@ -153,13 +153,18 @@ def _weight_files(directory: Path) -> list[Path]:
 
 # ---- loading ----------------------------------------------------------------------------------------
 def load_model(directory: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-               progress: Callable[[int, int], None] | None = None):
+               progress: Callable[[int, int], None] | None = None, quantize: str | None = None):
     """Build the model of ``directory/config.json`` and fill it from the safetensors files, strictly.
 
     Every parameter must be present with the right shape; unknown keys are errors (``attn_pool`` is
     the one documented exception). ``progress(done_bytes, total_bytes)`` is called while reading.
+    ``quantize="int8"``: the language model's linear and expert weights are quantized as each tensor
+    is read (``model/quant.py``), so the peak memory is the int8 model plus one tensor.
     """
+    from .model import quant
     from .model.vlm import DSVL2
+
+    quant.check_mode(quantize)
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -168,6 +173,7 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.bfloat16, devic
     with torch.device("meta"):
         model = DSVL2(cfg)
     params = dict(model.named_parameters())
+    int8 = quant.int8_targets(model) if quantize == "int8" else {}
 
     files = [SafetensorsFile(p) for p in _weight_files(directory)]
     where: dict[str, SafetensorsFile] = {}
@@ -208,7 +214,12 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.bfloat16, devic
                 done += out.numel() * sf.dtype(key).itemsize
                 if progress:
                     progress(done, total)
-            state[name] = target.to(device) if torch.device(device).type != "cpu" else target
+            if name in int8:
+                for qname, value in zip(quant.quantized_names(name), quant.quantize_int8(target)):
+                    state[qname] = value.to(device)
+                del target
+            else:
+                state[name] = target.to(device) if torch.device(device).type != "cpu" else target
         unused = {}
         for key, sf in where.items():
             if key.startswith(IGNORED_PREFIXES):
@@ -218,6 +229,8 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.bfloat16, devic
     finally:
         for f in handles.values():
             f.close()
+    if int8:
+        quant.swap_int8_modules_(model, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers (RoPE inverse frequencies) are rebuilt in fp32 on the target device.
     for mod in model.modules():

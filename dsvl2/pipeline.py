@@ -213,13 +213,16 @@ def _find_stop(text: str, stop: Sequence[str], start: int) -> int | None:
 
 
 def load(model_dir: str | Path | None = None, dtype: str | torch.dtype = "bf16", device: str | None = None,
-         progress: Callable[[int, int], None] | None = None) -> Pipeline:
-    """Load a model directory in the official Hugging Face layout (config, safetensors, tokenizer)."""
+         progress: Callable[[int, int], None] | None = None, quantize: str | None = None) -> Pipeline:
+    """Load a model directory in the official Hugging Face layout (config, safetensors, tokenizer).
+
+    ``quantize="int8"``: int8 weight-only language model (about half the memory and bytes per token).
+    """
     if model_dir is None:
         from .demo import default_model_dir
 
         model_dir = default_model_dir()
     device = device or default_device()
-    model = load_model(model_dir, dtype=resolve_dtype(dtype), device=device, progress=progress)
+    model = load_model(model_dir, dtype=resolve_dtype(dtype), device=device, progress=progress, quantize=quantize)
     processor = Processor.from_pretrained(model_dir)
     return Pipeline(model, processor, model_dir)

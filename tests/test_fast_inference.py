@@ -65,3 +65,53 @@ def test_grouped_dispatch_has_no_host_sync(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "item", forbidden)
     with torch.no_grad():
         ex(x, idx, weight)
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 16])
+def test_column_form_equals_per_expert_loop_at_released_widths(n):
+    """Decode-sized batches take the transposed (column) form: bit-identical at Tiny's 1280/896."""
+    from dsvl2.model.moe import COLUMN_FORM_MAX_TOKENS
+
+    assert n <= COLUMN_FORM_MAX_TOKENS
+    g = torch.Generator().manual_seed(n)
+    ex = Experts(4, 1280, 896)
+    for p in ex.parameters():
+        p.data = (torch.randn(p.shape, generator=g) * 0.03).to(torch.bfloat16)
+    x = torch.randn(n, 1280, generator=g).to(torch.bfloat16)
+    idx, weight = _routing(n, 3, 4, seed=n)
+    with torch.no_grad():
+        assert torch.equal(ex(x, idx, weight), ex.forward_per_expert(x, idx, weight))
+
+
+@pytest.mark.parametrize("shape", [(896, 1280), (1280, 896), (4096, 1280)])
+def test_single_row_linear_is_bit_identical(shape):
+    """quant.linear sends one bf16 row through torch.mv: the same numbers as the module's GEMM path."""
+    from dsvl2.model.quant import linear
+
+    g = torch.Generator().manual_seed(shape[0])
+    layer = torch.nn.Linear(shape[1], shape[0], bias=False).to(torch.bfloat16)
+    layer.weight.data = (torch.randn(shape, generator=g) * 0.03).to(torch.bfloat16)
+    x = torch.randn(1, 1, shape[1], generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(linear(x, layer), layer(x))
+        x3 = torch.randn(3, shape[1], generator=g).to(torch.bfloat16)
+        assert torch.equal(linear(x3, layer), layer(x3))
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager():
+    """GenerateArgs(compile=True): same greedy tokens, logits within fp32 noise (compiles for minutes)."""
+    from toy import toy_batch, toy_model
+
+    from dsvl2.generation.generate import GenerateArgs, generate
+
+    model = toy_model("mla", seed=1)
+    ids, mask, *_ = toy_batch(model, seed=2, lengths=(12, 20), images=False)
+    runs = []
+    for compile_ in (False, True):
+        steps = generate(model, ids, mask, None, None, None, GenerateArgs(max_new_tokens=5, compile=compile_),
+                         eos_token_id=1, return_logits=True)
+        runs.append([(s.tokens, s.logits) for s in steps])
+    for (ta, la), (tb, lb) in zip(*runs):
+        assert torch.equal(ta, tb)
+        torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)

@@ -9,7 +9,8 @@ live in ``dsvl2.pipeline`` so this module works on ids only. Positions come from
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from ..errors import InputError
 from ..model.cache import KVCache, LatentCache, make_cache
 from ..model.llm import causal_mask
+from ..model.quant import linear
 from ..model.vlm import DSVL2, positions_from_mask
 from .sampling import SamplingParams, sample
 
@@ -31,6 +33,7 @@ class GenerateArgs:
     seed: int | None = None
     chunk_size: int | None = None  # prefill chunk length; None = one shot
     expanded_prefill: bool = False  # decompressed-MLA prefill (faster on long prompts; bf16-close)
+    compile: bool = False  # decode through torch.compile (opt-in: bf16-close, not bit-identical)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -47,7 +50,7 @@ class GenerateArgs:
 def prefill(model: DSVL2, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
             cache: LatentCache | KVCache, chunk_size: int | None = None, expanded: bool = False) -> torch.Tensor:
     """Run the prompt through the LM, filling ``cache``; return last-position logits (B, V) fp32."""
-    b, t, _ = inputs_embeds.shape
+    t = inputs_embeds.shape[1]
     positions = positions_from_mask(attention_mask)
     step = chunk_size or t
     hidden = None
@@ -66,7 +69,18 @@ def decode_one_token(model: DSVL2, tokens: torch.Tensor, attention_mask: torch.T
     positions = attention_mask.long().sum(-1, keepdim=True) - 1  # (B, 1)
     mask = causal_mask(attention_mask, cache.length, 1, embeds.dtype)
     hidden = model.language.model(embeds, positions, mask, cache)
-    return model.language.logits(hidden)[:, -1]
+    # = model.language.logits(hidden): lm_head in the weights' dtype, then fp32; its largest GEMV
+    # through the single-row kernel when the batch is one row.
+    return linear(hidden, model.language.lm_head).float()[:, -1]
+
+
+@functools.cache
+def compiled_decode_one_token() -> Callable[..., torch.Tensor]:
+    """``decode_one_token`` through ``torch.compile`` (one per process; shapes dynamic, since the cache
+    length grows every step). The first calls compile (tens of seconds on CPU). Inductor fuses the
+    elementwise work between matmuls and so rounds bf16 differently: close to eager, not identical.
+    """
+    return torch.compile(decode_one_token, dynamic=True)
 
 
 @dataclass
@@ -114,6 +128,7 @@ def generate(model: DSVL2, input_ids: torch.Tensor, attention_mask: torch.Tensor
         seen.scatter_(1, input_ids.to(device).masked_fill(~attention_mask, 0), attention_mask)
     logits = prefill(model, embeds, attention_mask, cache, args.chunk_size, args.expanded_prefill)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
+    step = compiled_decode_one_token() if args.compile else decode_one_token
     for i in range(new):
         token = sample(logits, params, seen, generator)
         token = torch.where(finished, torch.full_like(token, eos_token_id), token)
@@ -124,4 +139,4 @@ def generate(model: DSVL2, input_ids: torch.Tensor, attention_mask: torch.Tensor
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
         attention_mask = torch.cat([attention_mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
-        logits = decode_one_token(model, token, attention_mask, cache)
+        logits = step(model, token, attention_mask, cache)

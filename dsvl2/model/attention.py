@@ -19,6 +19,7 @@ from torch import nn
 from ..config import LanguageConfig
 from .cache import KVCache, LatentCache
 from .layers import RMSNorm, apply_rope, apply_rope_interleaved
+from .quant import linear
 
 
 class MHA(nn.Module):
@@ -37,9 +38,9 @@ class MHA(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
-        k = self.k_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        q = linear(x, self.q_proj).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
+        k = linear(x, self.k_proj).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        v = linear(x, self.v_proj).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, H, T, D)
@@ -48,7 +49,7 @@ class MHA(nn.Module):
             scores = scores + mask
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         o = torch.matmul(probs, v)  # (B, H, S, D)
-        return self.o_proj(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+        return linear(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim), self.o_proj)
 
 
 class MLA(nn.Module):
@@ -70,9 +71,9 @@ class MLA(nn.Module):
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.heads, self.nope + self.rope).transpose(1, 2)  # (B, H, S, 192)
+        q = linear(x, self.q_proj).view(b, s, self.heads, self.nope + self.rope).transpose(1, 2)  # (B, H, S, 192)
         q_nope, q_pe = torch.split(q, [self.nope, self.rope], dim=-1)
-        a = self.kv_a_proj_with_mqa(x)  # (B, S, r + rope)
+        a = linear(x, self.kv_a_proj_with_mqa)  # (B, S, r + rope)
         latent, k_pe = torch.split(a, [self.rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)  # (B, S, r)
         k_pe = k_pe.view(b, s, 1, self.rope).transpose(1, 2)  # (B, 1, S, rope)
@@ -100,7 +101,7 @@ class MLA(nn.Module):
         # a per-head batched matmul rounds differently in bf16.
         o_lat = torch.einsum("bhql,blc->bhqc", probs, latent)  # (B, H, S, r)
         o = torch.matmul(o_lat, w_uv.mT)  # (B, H, S, v)
-        return self.o_proj(o.transpose(1, 2).reshape(b, s, self.heads * self.v_dim))
+        return linear(o.transpose(1, 2).reshape(b, s, self.heads * self.v_dim), self.o_proj)
 
     def forward_expanded(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                          cache: LatentCache | None = None) -> torch.Tensor:
@@ -120,4 +121,4 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(b, self.heads, t, self.rope)], dim=-1)  # (B, H, T, 192)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, H, S, 192)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, H, S, v)
-        return self.o_proj(o.transpose(1, 2).reshape(b, s, self.heads * self.v_dim))
+        return linear(o.transpose(1, 2).reshape(b, s, self.heads * self.v_dim), self.o_proj)

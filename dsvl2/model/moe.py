@@ -107,6 +107,16 @@ def dispatch(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, n_experts
     return combined.to(x.dtype)
 
 
+COLUMN_FORM_MAX_TOKENS = 16  # up to here every expert has <= 16 rows: the bf16 column form is bit-exact
+
+
+def _stride_aligned(x: torch.Tensor) -> torch.Tensor:
+    """x (R, C) copied into a buffer whose rows start every multiple of 8 elements (16-byte strides)."""
+    r, c = x.shape
+    out = x.new_empty(r, (c + 7) // 8 * 8)[:, :c]  # (R, C) view, row stride padded
+    return out.copy_(x)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts as stacked weights: gate/up (E, I, D), down (E, D, I)."""
 
@@ -121,7 +131,12 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x (N, D), idx/weight (N, K) -> sum_k weight * expert_idx(x): one grouped GEMM per projection."""
-        run = self._grouped if grouped_mm_supported(x) else self._per_expert
+        if not grouped_mm_supported(x):
+            run = self._per_expert
+        elif self._column_form_ok(x):
+            run = self._grouped_columns  # decode on CPU: at most N rows per expert
+        else:
+            run = self._grouped
         return dispatch(x, idx, weight, self.gate_proj.shape[0], run)
 
     def forward_per_expert(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -133,6 +148,26 @@ class Experts(nn.Module):
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj  # read once (LoRA parametrizations)
         h = F.silu(torch._grouped_mm(rows, gate.mT, offs=offs)) * torch._grouped_mm(rows, up.mT, offs=offs)
         return torch._grouped_mm(h, down.mT, offs=offs)  # (N*K, D)
+
+    def _column_form_ok(self, x: torch.Tensor) -> bool:
+        """bf16 on CPU (where it is faster and exact; in fp32 the two forms round differently), few
+        tokens, and widths giving the weights, now the op's 3-D left operand, 16-byte strides."""
+        _, i, d = self.gate_proj.shape
+        return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[0] <= COLUMN_FORM_MAX_TOKENS
+                and i % 8 == 0 and d % 8 == 0)
+
+    def _grouped_columns(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The same GEMMs transposed, weights on the left: ``W_e (O, D) @ rows_e^T (D, c)``.
+
+        On CPU torch runs a one-column product through its GEMV kernel, ~15% faster than a one-row
+        product through the GEMM path (bench/decode.py), with bit-identical results as long as each
+        expert has few rows (held by a test up to ``COLUMN_FORM_MAX_TOKENS``).
+        """
+        offs = counts.cumsum(0, dtype=torch.int32)  # (E,)
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        cols = _stride_aligned(rows.mT)  # (D, N*K)
+        h = F.silu(torch._grouped_mm(gate, cols, offs=offs)) * torch._grouped_mm(up, cols, offs=offs)  # (I, N*K)
+        return torch._grouped_mm(down, _stride_aligned(h), offs=offs).mT  # (N*K, D)
 
     def _per_expert(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         outs, start = [], 0
