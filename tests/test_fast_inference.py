@@ -115,3 +115,30 @@ def test_compiled_decode_matches_eager():
     for (ta, la), (tb, lb) in zip(*runs):
         assert torch.equal(ta, tb)
         torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["mha", "mla"])
+def test_decode_attention_fp32_route_is_bit_identical(variant, monkeypatch):
+    """One query row over the cache goes through fp32 (cache_matmul): the same bf16 numbers as torch's
+    bf16 matmul, which the golden parity was recorded with."""
+    from toy import toy_model
+
+    from dsvl2.model import attention
+    from dsvl2.model.cache import make_cache
+    from dsvl2.model.llm import causal_mask
+
+    model = toy_model(variant, seed=3, dtype=torch.bfloat16)
+    lm = model.language.model
+    g = torch.Generator().manual_seed(4)
+    t = 300
+    x = (torch.randn(1, t + 1, 64, generator=g) * 0.5).to(torch.bfloat16)
+    mask = torch.ones(1, t + 1, dtype=torch.bool)
+    outs = []
+    for route in (True, False):
+        if not route:
+            monkeypatch.setattr(attention, "one_cpu_query_row", lambda a: False)
+        cache = make_cache(lm.cfg, 1, t + 1, torch.bfloat16, "cpu")
+        with torch.no_grad():
+            lm(x[:, :t], torch.arange(t)[None], causal_mask(mask[:, :t], 0, t, torch.bfloat16), cache)
+            outs.append(lm(x[:, t:], torch.tensor([[t]]), None, cache))
+    assert torch.equal(outs[0], outs[1])

@@ -22,6 +22,23 @@ from .layers import RMSNorm, apply_rope, apply_rope_interleaved
 from .quant import linear
 
 
+def cache_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.matmul(a, b)`` in ``a``'s dtype, for products of one query row with the cache.
+
+    On CPU, torch's bf16/fp16 batched matmul is slow when ``a`` has one row (decode: a new oneDNN
+    primitive for every cache length, and a copy of the transposed keys): 4-5x slower than converting
+    to fp32, multiplying and rounding once at ~1000 cached tokens. The products of bf16 numbers are
+    exact in fp32 and both accumulate in fp32, so the results are the same (bit-identical in the tests).
+    """
+    if one_cpu_query_row(a):
+        return torch.matmul(a.float(), b.float()).to(a.dtype)
+    return torch.matmul(a, b)
+
+
+def one_cpu_query_row(a: torch.Tensor) -> bool:
+    return a.device.type == "cpu" and a.dtype in (torch.bfloat16, torch.float16) and a.shape[-2] == 1
+
+
 class MHA(nn.Module):
     def __init__(self, cfg: LanguageConfig, layer: int):
         super().__init__()
@@ -44,11 +61,11 @@ class MHA(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, H, T, D)
-        scores = torch.matmul(q, k.transpose(2, 3)) / self.scale_div  # (B, H, S, T)
+        scores = cache_matmul(q, k.transpose(2, 3)) / self.scale_div  # (B, H, S, T)
         if mask is not None:
             scores = scores + mask
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        o = torch.matmul(probs, v)  # (B, H, S, D)
+        o = cache_matmul(probs, v)  # (B, H, S, D)
         return linear(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim), self.o_proj)
 
 
@@ -92,14 +109,17 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]  # (H, nope, r), (H, v, r)
         q_lat = torch.matmul(q_nope, w_uk)  # (B, H, S, r)
-        scores = (torch.matmul(q_pe, k_pe.unsqueeze(1).mT)
-                  + torch.matmul(q_lat, latent.unsqueeze(-3).mT)) * self.scale  # (B, H, S, T)
+        scores = (cache_matmul(q_pe, k_pe.unsqueeze(1).mT)
+                  + cache_matmul(q_lat, latent.unsqueeze(-3).mT)) * self.scale  # (B, H, S, T)
         if mask is not None:
             scores = scores + mask
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q_pe.dtype)
         # One (B, H*S, T) @ (B, T, r) matmul, heads merged into rows, as the official einsum does:
         # a per-head batched matmul rounds differently in bf16.
-        o_lat = torch.einsum("bhql,blc->bhqc", probs, latent)  # (B, H, S, r)
+        if one_cpu_query_row(probs):  # see cache_matmul
+            o_lat = torch.einsum("bhql,blc->bhqc", probs.float(), latent.float()).to(probs.dtype)
+        else:
+            o_lat = torch.einsum("bhql,blc->bhqc", probs, latent)  # (B, H, S, r)
         o = torch.matmul(o_lat, w_uv.mT)  # (B, H, S, v)
         return linear(o.transpose(1, 2).reshape(b, s, self.heads * self.v_dim), self.o_proj)
 
