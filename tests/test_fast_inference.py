@@ -142,3 +142,22 @@ def test_decode_attention_fp32_route_is_bit_identical(variant, monkeypatch):
             lm(x[:, :t], torch.arange(t)[None], causal_mask(mask[:, :t], 0, t, torch.bfloat16), cache)
             outs.append(lm(x[:, t:], torch.tensor([[t]]), None, cache))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("variant", ["mha", "mla", "noaux"])
+def test_fused_attention_decode_equals_reference_form(variant):
+    """GenerateArgs(fused_attention=True): SDPA prefill and decode give the reference logits (fp32)."""
+    from toy import toy_batch, toy_model
+
+    from dsvl2.generation.generate import GenerateArgs, generate
+
+    model = toy_model(variant, seed=5)
+    ids, mask, tiles, seq_mask, crop = toy_batch(model, seed=6, lengths=(14, 25))
+    runs = []
+    for fused in (False, True):
+        steps = generate(model, ids, mask, tiles, seq_mask, crop, GenerateArgs(max_new_tokens=4, fused_attention=fused),
+                         eos_token_id=1, return_logits=True)
+        runs.append([(s.tokens, s.logits) for s in steps])
+    for (ta, la), (tb, lb) in zip(*runs):
+        assert torch.equal(ta, tb)
+        torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4)

@@ -34,6 +34,7 @@ class GenerateArgs:
     chunk_size: int | None = None  # prefill chunk length; None = one shot
     expanded_prefill: bool = False  # decompressed-MLA prefill (faster on long prompts; bf16-close)
     compile: bool = False  # decode through torch.compile (opt-in: bf16-close, not bit-identical)
+    fused_attention: bool = False  # SDPA kernels in prefill and decode (faster, bf16-close; implies expanded)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -63,12 +64,15 @@ def prefill(model: DSVL2, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
 
 @torch.no_grad()
 def decode_one_token(model: DSVL2, tokens: torch.Tensor, attention_mask: torch.Tensor,
-                     cache: LatentCache | KVCache) -> torch.Tensor:
-    """tokens (B,) at the next position; ``attention_mask`` (B, past+1) already includes them."""
+                     cache: LatentCache | KVCache, fused: bool = False) -> torch.Tensor:
+    """tokens (B,) at the next position; ``attention_mask`` (B, past+1) already includes them.
+
+    ``fused``: attention through SDPA (``forward_expanded``), bf16-close instead of the reference's rounding.
+    """
     embeds = model.language.model.embed_tokens(tokens[:, None])  # (B, 1, D)
     positions = attention_mask.long().sum(-1, keepdim=True) - 1  # (B, 1)
     mask = causal_mask(attention_mask, cache.length, 1, embeds.dtype)
-    hidden = model.language.model(embeds, positions, mask, cache)
+    hidden = model.language.model(embeds, positions, mask, cache, fused)
     # = model.language.logits(hidden): lm_head in the weights' dtype, then fp32; its largest GEMV
     # through the single-row kernel when the batch is one row.
     return linear(hidden, model.language.lm_head).float()[:, -1]
@@ -126,7 +130,8 @@ def generate(model: DSVL2, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if params.repetition_penalty != 1.0:
         seen = torch.zeros(b, cfg.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, input_ids.to(device).masked_fill(~attention_mask, 0), attention_mask)
-    logits = prefill(model, embeds, attention_mask, cache, args.chunk_size, args.expanded_prefill)
+    logits = prefill(model, embeds, attention_mask, cache, args.chunk_size,
+                     args.expanded_prefill or args.fused_attention)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     step = compiled_decode_one_token() if args.compile else decode_one_token
     for i in range(new):
@@ -139,4 +144,4 @@ def generate(model: DSVL2, input_ids: torch.Tensor, attention_mask: torch.Tensor
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
         attention_mask = torch.cat([attention_mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
-        logits = step(model, token, attention_mask, cache)
+        logits = step(model, token, attention_mask, cache, args.fused_attention)

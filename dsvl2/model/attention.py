@@ -69,6 +69,25 @@ class MHA(nn.Module):
         return linear(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim), self.o_proj)
 
 
+    def forward_expanded(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                         cache: KVCache | None = None) -> torch.Tensor:
+        """The fused form: SDPA (torch's flash kernel on CPU) instead of the reference's matmul-softmax-matmul.
+
+        Keys and values are already per head, so there is nothing to decompress; this is the fast path
+        the ``expanded`` flag selects for prefill and decode alike. It does not round the scores and
+        probabilities to bf16 as the reference does: bf16-close, not bit-identical.
+        """
+        b, s, _ = x.shape
+        q = linear(x, self.q_proj).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
+        k = linear(x, self.k_proj).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        v = linear(x, self.v_proj).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, H, T, D)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1 / self.scale_div)  # (B, H, S, D)
+        return linear(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim), self.o_proj)
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: LanguageConfig, layer: int):
         super().__init__()
@@ -128,13 +147,24 @@ class MLA(nn.Module):
         """Textbook form: decompress per-head keys/values from the latents, then SDPA.
 
         Same cache contents as the absorbed form (only latents are stored), so the two can be mixed:
-        expanded prefill, absorbed decode.
+        expanded prefill, absorbed decode. For one new token (decode) decompressing the whole cache
+        would cost more than attending over it, so the fused decode form is the absorbed one with SDPA
+        over the latents instead (keys ``[c ; k_pe]``, values ``c``, one head shared by all query heads).
         """
         b, s, _ = x.shape
         q_nope, q_pe, latent, k_pe = self._project(x, cos, sin)
         k_pe = k_pe.squeeze(1)
         if cache is not None:
             latent, k_pe = cache.update(self.layer, latent, k_pe)
+        if s == 1:
+            w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
+            w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]  # (H, nope, r), (H, v, r)
+            q = torch.cat([torch.matmul(q_nope, w_uk), q_pe], dim=-1)  # (B, H, 1, r + rope)
+            k = torch.cat([latent, k_pe], dim=-1).unsqueeze(1)  # (B, 1, T, r + rope)
+            o_lat = F.scaled_dot_product_attention(q, k, latent.unsqueeze(1), attn_mask=mask, scale=self.scale,
+                                                   enable_gqa=True)  # (B, H, 1, r)
+            o = torch.matmul(o_lat, w_uv.mT)  # (B, H, 1, v)
+            return linear(o.transpose(1, 2).reshape(b, s, self.heads * self.v_dim), self.o_proj)
         t = latent.shape[1]
         kv = self.kv_b_proj(latent).view(b, t, self.heads, self.nope + self.v_dim).transpose(1, 2)  # (B, H, T, 256)
         k_nope, v = torch.split(kv, [self.nope, self.v_dim], dim=-1)
