@@ -1,0 +1,271 @@
+"""Inference speed against the machine's own limits, measured in one run.
+
+    python bench/make_checkpoint.py --preset tiny --out /work/ckpt/tiny                 # full Tiny, random
+    python bench/make_checkpoint.py --preset small --layers 4 --out /work/ckpt/small4   # MLA cache path
+    python bench/decode.py --model /work/ckpt/tiny [--quantize int8] [--fused-attention] [--compile] [--threads 2]
+
+Prints, from one process:
+- the machine (in a child process, so the peak RSS below is the model's): read bandwidth (the
+  faster of a 1 GiB fp32 sum and a BLAS dot of two such vectors), copy bandwidth (read + write),
+  torch's GEMV speed over 1 GiB of rotating weights (bf16 through ``F.linear`` and ``torch.mv``, int8
+  through ``_weight_int8pack_mm``: what decode can get from torch's kernels), a 4096^3 bf16 matmul;
+- image preprocessing ms (one 640x480 image); vision+projector ms per tile (all tiles in one call)
+  and its GFLOP/s; LLM prefill tokens/s and GFLOP/s on the 1-image prompt (~1060 tokens for Tiny);
+- decode tokens/s at batch 1 and batch B (B distinct rows: the prompt with its last tokens replaced);
+  KV-cache bytes per token (and, for MLA, the latent minimum); peak RSS;
+- the batch-1 decode bound = read bandwidth / bytes read per token (activated weights in the load
+  dtype, int8 + scales with --quantize, plus the KV cache of the prompt) and achieved/bound; the same
+  bound with torch's best GEMV speed in place of the bandwidth; and the batch-B bound, counting the
+  experts that B tokens touch on average under uniform routing.
+
+Timings are best-of-N. On a shared machine they drift with other processes: the load average is
+printed at the start and the end. ``OMP_WAIT_POLICY=PASSIVE`` is set (unless already set) before
+torch loads: with libgomp's default spin-waiting, two OpenMP threads competing with another busy
+process lose most of their time slices in barriers (10x slower decode, measured).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import dsvl2
+from dsvl2.generation.generate import (
+    compiled_decode_one_token,
+    decode_one_token,
+    prefill,
+)
+from dsvl2.model.cache import make_cache
+from dsvl2.stats import count_parameters
+
+GIB = 1 << 30
+
+
+def best(fn, repeat: int = 3) -> float:
+    """Fastest of ``repeat`` runs of ``fn()``, in seconds."""
+    out = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out = min(out, time.perf_counter() - t)
+    return out
+
+
+def _read_and_copy() -> dict[str, float]:
+    x = torch.ones(GIB // 4)  # fp32, 1 GiB each: far larger than the caches
+    y = torch.ones(GIB // 4)
+    x.sum()
+    torch.dot(x, y)
+    out = {"read_sum_GBps": GIB / best(x.sum, 5) / 1e9,  # a reduction: the simplest streaming read
+           "read_dot_GBps": 2 * GIB / best(lambda: torch.dot(x, y), 5) / 1e9}  # BLAS dot: two streams
+    out["read_GBps"] = max(out["read_sum_GBps"], out["read_dot_GBps"])
+    out["copy_GBps"] = 2 * GIB / best(lambda: y.copy_(x), 5) / 1e9  # bytes read + bytes written
+    return out
+
+
+def _gemv(kind: str) -> float:
+    """GB/s of weights streamed by decode-shaped GEMVs (one row of 1280) over 1 GiB of distinct weights."""
+    n, k = 8192, 1280
+    v = torch.randn(1, k).to(torch.bfloat16)
+    if kind == "int8":
+        s = torch.rand(n).to(torch.bfloat16)
+        qs = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(GIB // (n * k))]
+        return GIB / best(lambda: [torch._weight_int8pack_mm(v, q, s) for q in qs], 3) / 1e9
+    ws = [torch.randn(n, k).to(torch.bfloat16) for _ in range(GIB // (2 * n * k))]
+    if kind == "mv":
+        return GIB / best(lambda: [torch.mv(w, v[0]) for w in ws], 3) / 1e9
+    return GIB / best(lambda: [F.linear(v, w) for w in ws], 3) / 1e9
+
+
+def _matmul(dtype: torch.dtype, m: int = 4096) -> float:
+    a, b = torch.randn(m, m).to(dtype), torch.randn(m, m).to(dtype)
+    a @ b
+    return 2 * m ** 3 / best(lambda: a @ b, 3) / 1e9
+
+
+def machine(dtype: torch.dtype) -> dict[str, float]:
+    """Bandwidth, torch GEMV speed (bf16 F.linear / torch.mv, int8) and a large matmul, measured here."""
+    out = _read_and_copy()
+    out.update(gemv_bf16_linear_GBps=_gemv("linear"), gemv_bf16_mv_GBps=_gemv("mv"), gemv_int8_GBps=_gemv("int8"),
+               matmul_GFLOPs=_matmul(dtype))
+    return out
+
+
+def machine_in_subprocess(threads: int) -> dict[str, float]:
+    """The machine numbers from a child process, so that this process's peak RSS is the model's."""
+    cmd = [sys.executable, __file__, "--machine-only", "--threads", str(threads), "--model", "-"]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+
+def sample_image(w: int = 640, h: int = 480) -> Image.Image:
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    for i, v in enumerate([3, 7, 5, 9]):
+        d.rectangle([60 + i * 140, h - 40 - v * 40, 140 + i * 140, h - 40], fill=(40 * i, 90, 200))
+    return img
+
+
+def vision_flops(cfg, tiles: int) -> float:
+    v = cfg.vision_config
+    counts = count_parameters(cfg)
+    linear = 2 * counts.vision * v.num_patches + 2 * counts.projector * (cfg.grid ** 2)
+    attention = 4 * v.layers * v.num_patches ** 2 * v.width  # scores and weighted sum
+    return tiles * (linear + attention)
+
+
+def prefill_flops(cfg, t: int) -> float:
+    lc = cfg.language_config
+    counts = count_parameters(cfg)
+    per_token = counts.decode_read - counts.lm_head - counts.routers
+    head = (lc.qk_nope_head_dim + lc.qk_rope_head_dim + lc.v_head_dim) if lc.use_mla else 2 * lc.head_dim
+    attention = lc.num_hidden_layers * t * t * lc.num_attention_heads * head  # causal half of 2*T^2*...
+    return 2 * per_token * t + 2 * counts.lm_head + attention
+
+
+def weight_bytes_per_token(pipe, batch: int = 1) -> float:
+    """Bytes of language-model weights one decode step reads at ``batch`` rows (uniform routing)."""
+    lc = pipe.model.cfg.language_config
+    experts_bytes = shared = 0
+    for name, t in list(pipe.model.language.named_parameters()) + list(pipe.model.language.named_buffers()):
+        size = t.numel() * t.element_size()
+        if "embed_tokens" in name or "rotary" in name:
+            continue
+        if ".mlp.experts." in name:
+            experts_bytes += size
+        else:
+            shared += size
+    if lc.n_routed_experts:
+        e, k = lc.n_routed_experts, lc.num_experts_per_tok
+        touched = e * (1 - (1 - k / e) ** batch)  # expected distinct experts per MoE layer
+        experts_bytes *= touched / e
+    embed = pipe.model.language.model.embed_tokens.weight
+    return shared + experts_bytes + batch * embed.shape[1] * embed.element_size()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--quantize", default=None, choices=[None, "int8"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="decode through torch.compile")
+    ap.add_argument("--fused-attention", action="store_true",
+                    help="SDPA attention in prefill and decode (GenerateArgs.fused_attention: bf16-close)")
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    ap.add_argument("--machine-only", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    if a.machine_only:
+        print(json.dumps(machine(torch.bfloat16)))
+        return
+    r: dict[str, float | str] = {"model": a.model, "threads": a.threads,
+                                 "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+                                 "loadavg_start": os.getloadavg()[0], "quantize": str(a.quantize),
+                                 "fused_attention": str(a.fused_attention), "compile": str(a.compile)}
+    r.update(machine_in_subprocess(a.threads))
+
+    t = time.perf_counter()
+    pipe = dsvl2.load(a.model, dtype=a.dtype, device="cpu", quantize=a.quantize)
+    r["load_s"] = time.perf_counter() - t
+    r["rss_after_load_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    model, cfg = pipe.model, pipe.model.cfg
+    lc = cfg.language_config
+
+    conv = [{"role": "user", "content": "<image>\nWhich bar is the highest?", "images": [sample_image()]}]
+    r["preprocess_ms"] = 1000 * best(lambda: pipe.processor(conv), 3)
+    batch = pipe.processor(conv)
+    n_tiles = int(sum(1 + w * h for w, h in batch.images_spatial_crop[0].tolist() if w))
+    tiles = batch.images[0, :n_tiles]
+    with torch.no_grad():
+        vis = best(lambda: model.encode_tiles(tiles), 2)
+        embeds = model.prepare_inputs_embeds(batch.input_ids, batch.images, batch.images_seq_mask,
+                                             batch.images_spatial_crop)
+    r.update(tiles=n_tiles, vision_ms_per_tile=1000 * vis / n_tiles,
+             vision_GFLOPs=vision_flops(cfg, n_tiles) / vis / 1e9)
+
+    t_prompt = embeds.shape[1]
+    mask = batch.attention_mask.bool()
+    total = t_prompt + a.decode_tokens + 1
+
+    def run_prefill(e: torch.Tensor, m: torch.Tensor):
+        cache = make_cache(lc, e.shape[0], total, model.dtype, "cpu")
+        return cache, prefill(model, e, m, cache, expanded=a.fused_attention)
+
+    pre = best(lambda: run_prefill(embeds, mask), 2)
+    r.update(prompt_tokens=t_prompt, prefill_tok_per_s=t_prompt / pre,
+             prefill_GFLOPs=prefill_flops(cfg, t_prompt) / pre / 1e9)
+
+    step = compiled_decode_one_token() if a.compile else decode_one_token
+
+    def decode_rate(b: int) -> tuple[float, float]:
+        e = embeds.expand(b, -1, -1).clone()
+        g = torch.Generator().manual_seed(b)
+        with torch.no_grad():  # distinct rows: the last 6 prompt tokens replaced (row 0 kept)
+            ids = torch.randint(1000, 100000, (b, 6), generator=g)
+            e[1:, -6:] = model.language.model.embed_tokens(ids[1:])
+        m = mask.expand(b, -1).clone()
+        cache, logits = run_prefill(e, m)
+        tok = logits.argmax(-1)
+        if a.compile:  # compile (and its recompilations) outside the timed loop
+            t0 = time.perf_counter()
+            c2 = make_cache(lc, b, total, model.dtype, "cpu")
+            c2.length = cache.length
+            mm = m
+            for _ in range(3):
+                mm = torch.cat([mm, torch.ones(b, 1, dtype=torch.bool)], dim=1)
+                step(model, tok, mm, c2, a.fused_attention)
+            r[f"compile_s_b{b}"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(a.decode_tokens):
+            m = torch.cat([m, torch.ones(b, 1, dtype=torch.bool)], dim=1)
+            tok = step(model, tok, m, cache, a.fused_attention).argmax(-1)
+        return b * a.decode_tokens / (time.perf_counter() - t0), cache.bytes_per_token
+
+    r["decode_tok_per_s_b1"], kv = decode_rate(1)
+    r[f"decode_tok_per_s_b{a.batch}"], _ = decode_rate(a.batch)
+    r["kv_bytes_per_token"] = kv
+    if lc.use_mla:
+        r["kv_latent_minimum_bytes"] = lc.num_hidden_layers * lc.cache_values_per_token * model.dtype.itemsize
+    r["peak_rss_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    r["loadavg_end"] = os.getloadavg()[0]
+
+    kv_read = kv * (t_prompt + a.decode_tokens // 2)  # average cache length while decoding
+    read1 = weight_bytes_per_token(pipe, 1) + kv_read
+    readb = weight_bytes_per_token(pipe, a.batch) + a.batch * kv_read
+    gemv = r["gemv_int8_GBps"] if a.quantize else r["gemv_bf16_mv_GBps"]
+    r["bytes_read_per_token_GB"] = read1 / 1e9
+    r["decode_bound_b1_tok_per_s"] = r["read_GBps"] * 1e9 / read1
+    r["decode_b1_vs_bound"] = r["decode_tok_per_s_b1"] / r["decode_bound_b1_tok_per_s"]
+    r["decode_gemv_bound_b1_tok_per_s"] = gemv * 1e9 / read1
+    r["decode_b1_vs_gemv_bound"] = r["decode_tok_per_s_b1"] / r["decode_gemv_bound_b1_tok_per_s"]
+    r[f"bytes_read_per_step_b{a.batch}_GB"] = readb / 1e9
+    r[f"decode_bound_b{a.batch}_tok_per_s"] = a.batch * r["read_GBps"] * 1e9 / readb
+    r[f"decode_b{a.batch}_vs_b1"] = r[f"decode_tok_per_s_b{a.batch}"] / r["decode_tok_per_s_b1"]
+    r[f"bound_b{a.batch}_vs_b1"] = r[f"decode_bound_b{a.batch}_tok_per_s"] / r["decode_bound_b1_tok_per_s"]
+    r["prefill_vs_matmul"] = r["prefill_GFLOPs"] / r["matmul_GFLOPs"]
+    r["vision_vs_matmul"] = r["vision_GFLOPs"] / r["matmul_GFLOPs"]
+    width = max(map(len, r))
+    for k, v in r.items():
+        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    if a.json:
+        a.json.write_text(json.dumps(r, indent=2))
+
+
+if __name__ == "__main__":
+    main()
