@@ -161,3 +161,36 @@ def test_fused_attention_decode_equals_reference_form(variant):
     for (ta, la), (tb, lb) in zip(*runs):
         assert torch.equal(ta, tb)
         torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mla_decode_fp32_route_is_bit_identical_at_small_widths(batch, monkeypatch):
+    """Small's MLA widths (16 heads, latent 512, rope 64): heads-merged fp32 decode matches the bf16
+    reference up to last-bit ties of the different fp32 summation order (then spread by o_proj)."""
+    import dataclasses
+
+    from dsvl2.config import PRESETS
+    from dsvl2.model import attention
+    from dsvl2.model.cache import make_cache
+    from dsvl2.model.layers import RotaryTable
+
+    cfg = dataclasses.replace(PRESETS["small"].language_config, num_hidden_layers=1)
+    g = torch.Generator().manual_seed(batch)
+    mla = attention.MLA(cfg, 0)
+    for p in mla.parameters():
+        p.data = (torch.randn(p.shape, generator=g) * 0.02 + (1.0 if p.dim() == 1 else 0.0)).to(torch.bfloat16)
+    rotary = RotaryTable(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.max_position_embeddings, tabulated=True)
+    t = 200
+    x = torch.randn(batch, t + 1, cfg.hidden_size, generator=g).to(torch.bfloat16)
+    pos = torch.arange(t + 1)[None].expand(batch, -1)
+    cos, sin = rotary(pos, torch.bfloat16)
+    outs = []
+    for route in (True, False):
+        if not route:
+            monkeypatch.setattr(attention, "one_cpu_query_row", lambda a: False)
+        cache = make_cache(cfg, batch, t + 1, torch.bfloat16, "cpu")
+        with torch.no_grad():
+            mla(x[:, :t], cos[:, :t], sin[:, :t], None, cache)
+            cache.advance(t)
+            outs.append(mla(x[:, t:], cos[:, t:], sin[:, t:], None, cache))
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-3, rtol=2e-2)

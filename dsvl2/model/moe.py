@@ -151,10 +151,11 @@ class Experts(nn.Module):
 
     def _column_form_ok(self, x: torch.Tensor) -> bool:
         """bf16 on CPU (where it is faster and exact; in fp32 the two forms round differently), few
-        tokens, and widths giving the weights, now the op's 3-D left operand, 16-byte strides."""
+        tokens, and widths giving the weights, now the op's 3-D left operand, 16-byte strides. Not when
+        compiling: inductor drops the padded row stride of the activations that the op needs."""
         _, i, d = self.gate_proj.shape
         return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[0] <= COLUMN_FORM_MAX_TOKENS
-                and i % 8 == 0 and d % 8 == 0)
+                and i % 8 == 0 and d % 8 == 0 and not torch.compiler.is_compiling())
 
     def _grouped_columns(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The same GEMMs transposed, weights on the left: ``W_e (O, D) @ rows_e^T (D, c)``.
