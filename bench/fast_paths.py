@@ -1,0 +1,93 @@
+"""Decode speed of the fast paths against the plain forms they replace, interleaved in one process.
+
+    python bench/fast_paths.py --model /work/ckpt/tiny [--prompt 1036] [--rounds 6] [--steps 6]
+
+Variants (all greedy, same weights, same cache length):
+- ``plain``: the forms before the fast paths: experts one by one in a Python loop (host-read counts),
+  every linear through ``F.linear``, attention scores and weighted sums through torch's bf16 matmul;
+- ``default``: what ``generate`` runs (bit-identical to ``plain``): grouped expert GEMMs (transposed
+  for decode), single-row linears through ``torch.mv``, one query row over the cache in fp32;
+- ``fused``: ``GenerateArgs(fused_attention=True)``: SDPA over the cache (bf16-close).
+Each round decodes ``--steps`` tokens per variant in turn (A, B, C, A, B, C, ...), so a change of the
+machine's load hits all variants alike; the best and median rounds are printed, with ratios to plain.
+A prompt of random token ids stands in for the 1-image prompt (same length, no vision work).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/decode.py
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+
+import dsvl2
+from dsvl2.generation import generate as gen
+from dsvl2.model import attention, moe
+from dsvl2.model.cache import make_cache
+
+
+@contextlib.contextmanager
+def plain_forms():
+    """Swap the fast paths for the plain forms (module attributes restored on exit)."""
+    saved = (attention.linear, gen.linear, attention.one_cpu_query_row, moe.grouped_mm_supported)
+    attention.linear = gen.linear = lambda x, layer: layer(x)
+    attention.one_cpu_query_row = lambda a: False
+    moe.grouped_mm_supported = lambda x: False
+    try:
+        yield
+    finally:
+        attention.linear, gen.linear, attention.one_cpu_query_row, moe.grouped_mm_supported = saved
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--prompt", type=int, default=1036)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    model = dsvl2.load(a.model, dtype="bf16", device="cpu").model
+    lc = model.cfg.language_config
+    print(f"model {a.model}, prompt {a.prompt} tokens, threads {a.threads}, loadavg {os.getloadavg()[0]:.2f}")
+    variants = {"plain": (plain_forms, False), "default": (contextlib.nullcontext, False),
+                "fused": (contextlib.nullcontext, True)}
+    for b in a.batch:
+        ids = torch.randint(1000, 100000, (b, a.prompt), generator=torch.Generator().manual_seed(b))
+        mask = torch.ones(b, a.prompt, dtype=torch.bool)
+        state = {}
+        for name, (ctx, fused) in variants.items():
+            cache = make_cache(lc, b, a.prompt + a.rounds * a.steps + 1, model.dtype, "cpu")
+            with ctx(), torch.no_grad():
+                embeds = model.language.model.embed_tokens(ids)
+                logits = gen.prefill(model, embeds, mask, cache, expanded=fused)
+            state[name] = [logits.argmax(-1), mask, cache]
+        rates: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(a.rounds):
+            for name, (ctx, fused) in variants.items():
+                tok, m, cache = state[name]
+                with ctx():
+                    t0 = time.perf_counter()
+                    for _ in range(a.steps):
+                        m = torch.cat([m, torch.ones(b, 1, dtype=torch.bool)], dim=1)
+                        tok = gen.decode_one_token(model, tok, m, cache, fused).argmax(-1)
+                    rates[name].append(b * a.steps / (time.perf_counter() - t0))
+                state[name] = [tok, m, cache]
+        best = {k: max(v) for k, v in rates.items()}
+        median = {k: statistics.median(v) for k, v in rates.items()}
+        print(f"batch {b}: tokens/s best " + ", ".join(f"{k} {v:.2f}" for k, v in best.items())
+              + " | median " + ", ".join(f"{k} {v:.2f}" for k, v in median.items()))
+        print(f"batch {b}: best vs plain " + ", ".join(f"{k} {best[k] / best['plain']:.2f}x" for k in variants)
+              + f" | loadavg {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
