@@ -232,12 +232,8 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.bfloat16, devic
     if int8:
         quant.swap_int8_modules_(model, dtype)
     model.load_state_dict(state, strict=True, assign=True)
-    # Non-persistent buffers (RoPE inverse frequencies) are rebuilt in fp32 on the target device.
-    for mod in model.modules():
-        if hasattr(mod, "inv_freq"):
-            from .model.layers import inv_frequencies
-
-            mod.inv_freq = inv_frequencies(mod.dim, cfg.language_config.rope_theta).to(device)
+    # The non-persistent RoPE buffer is not in the state dict: rebuild it in fp32 on the target device.
+    model.language.model.rotary.reset_(device)
     model.unused_checkpoint_tensors = unused
     model.eval()
     return model

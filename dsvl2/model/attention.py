@@ -54,8 +54,8 @@ class MHA(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None):
+        """Post-RoPE q (B, H, S, D) and the keys/values attended over (cache included), (B, H, T, D)."""
         b, s, _ = x.shape
         q = linear(x, self.q_proj).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
         k = linear(x, self.k_proj).view(b, s, self.heads, self.head_dim).transpose(1, 2)
@@ -63,13 +63,18 @@ class MHA(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, H, T, D)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self._project(x, cos, sin, cache)
         scores = cache_matmul(q, k.transpose(2, 3)) / self.scale_div  # (B, H, S, T)
         if mask is not None:
             scores = scores + mask
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         o = cache_matmul(probs, v)  # (B, H, S, D)
         return linear(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim), self.o_proj)
-
 
     def forward_expanded(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                          cache: KVCache | None = None) -> torch.Tensor:
@@ -80,12 +85,7 @@ class MHA(nn.Module):
         probabilities to bf16 as the reference does: bf16-close, not bit-identical.
         """
         b, s, _ = x.shape
-        q = linear(x, self.q_proj).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
-        k = linear(x, self.k_proj).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        v = linear(x, self.v_proj).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, H, T, D)
+        q, k, v = self._project(x, cos, sin, cache)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1 / self.scale_div)  # (B, H, S, D)
         return linear(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim), self.o_proj)
 

@@ -65,10 +65,16 @@ class RotaryTable(nn.Module):
     def __init__(self, dim: int, theta: float, max_positions: int, tabulated: bool):
         super().__init__()
         self.dim = dim
+        self.theta = theta
         self.tabulated = tabulated
         self.max_positions = max_positions
         self.register_buffer("inv_freq", inv_frequencies(dim, theta), persistent=False)
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def reset_(self, device: torch.device | str) -> None:
+        """Rebuild the fp32 inverse frequencies on ``device`` (after a ``meta``-device build)."""
+        self.inv_freq = inv_frequencies(self.dim, self.theta).to(device)
+        self._table = None
 
     def _cos_sin_table(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._table is None or self._table[0].shape[0] < n or self._table[0].device != device:
