@@ -32,10 +32,29 @@ GOLDEN_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "golden" / "
 _NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
-def build(preset: str, out: Path, dtype: torch.dtype, layers: int | None, seed: int, tokenizer_from: Path) -> None:
+def preset_config(preset: str, layers: int | None = None):
+    """``PRESETS[preset]``, with the language model shortened to ``layers`` layers if given."""
     cfg = PRESETS[preset]
     if layers:
         cfg = dataclasses.replace(cfg, language_config=dataclasses.replace(cfg.language_config, num_hidden_layers=layers))
+    return cfg
+
+
+def write_processor_files(cfg, out: Path, tokenizer_from: Path) -> None:
+    """The tokenizer files of ``tokenizer_from`` and a ``processor_config.json`` fitted to ``cfg``, into ``out``."""
+    for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        src = tokenizer_from / fname
+        if src.is_file():
+            shutil.copy(src, out / fname)
+    proc = tokenizer_from / "processor_config.json"
+    proc_cfg = json.loads(proc.read_text()) if proc.is_file() else {}
+    proc_cfg.update(candidate_resolutions=[list(r) for r in cfg.candidate_resolutions],
+                    patch_size=cfg.vision_config.patch_size, downsample_ratio=cfg.projector_config.downsample_ratio)
+    (out / "processor_config.json").write_text(json.dumps(proc_cfg, indent=2))
+
+
+def build(preset: str, out: Path, dtype: torch.dtype, layers: int | None, seed: int, tokenizer_from: Path) -> None:
+    cfg = preset_config(preset, layers)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out)
     with torch.device("meta"):
@@ -68,15 +87,7 @@ def build(preset: str, out: Path, dtype: torch.dtype, layers: int | None, seed: 
     del params
     index = {"metadata": {"total_size": offset}, "weight_map": {k: name for k, _ in specs}}
     (out / INDEX_NAME).write_text(json.dumps(index, indent=2))
-    for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        src = tokenizer_from / fname
-        if src.is_file():
-            shutil.copy(src, out / fname)
-    proc = tokenizer_from / "processor_config.json"
-    proc_cfg = json.loads(proc.read_text()) if proc.is_file() else {}
-    proc_cfg.update(candidate_resolutions=[list(r) for r in cfg.candidate_resolutions],
-                    patch_size=cfg.vision_config.patch_size, downsample_ratio=cfg.projector_config.downsample_ratio)
-    (out / "processor_config.json").write_text(json.dumps(proc_cfg, indent=2))
+    write_processor_files(cfg, out, tokenizer_from)
     print(f"wrote {out} ({offset / 1e9:.2f} GB, {len(specs)} tensors) in {time.time() - t0:.0f}s")
 
 
