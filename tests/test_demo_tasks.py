@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsvl2.demo.tasks import (COLOURS, SHAPES, box_to_999, generate, load_words, main,
+from dsvl2.demo.tasks import (COLOUR_JITTER, COLOURS, SHAPES, box_to_999, generate, load_words, main,
                               make_charts, make_grounding, make_reading, write_dataset)
 from dsvl2.errors import InputError
 from dsvl2.processing.grounding import Box, parse_grounding
@@ -46,6 +46,9 @@ def test_grounding_constraints(grounding):
         w, h = s.image.size
         assert 256 <= w <= 768 and 256 <= h <= 768
         assert all(220 <= c <= 255 for c in s.meta["background"])
+        for x in s.meta["shapes"]:  # drawn in one of the colour's shades (plus jitter)
+            assert any(max(abs(a - b) for a, b in zip(x["rgb"], shade)) <= COLOUR_JITTER
+                       for shade in COLOURS[x["colour"]])
         shapes = s.meta["shapes"]
         assert 1 <= len(shapes) <= 4
         pairs = [(x["colour"], x["shape"]) for x in shapes]
@@ -114,6 +117,7 @@ def test_reading_constraints(words):
 
 def test_chart_constraints_and_measured_bar_heights():
     rng = Random(11)
+    y_maxes = set()
     for _ in range(N):
         s = make_charts(rng)
         w, h = s.image.size
@@ -138,6 +142,16 @@ def test_chart_constraints_and_measured_bar_heights():
             assert top == y1
             heights.append((y2 + 1 - y1) / v)
         assert max(heights) - min(heights) < 1.0, "bar heights not proportional to values"
+        y_maxes.add(s.meta["y_max"])
+    assert y_maxes == {9, 10}, "both axis ends an independent generator might draw"
+
+
+def test_colour_shades_include_pillows_named_colours():
+    from PIL import ImageColor
+
+    for name, shades in COLOURS.items():
+        assert shades[0] == ImageColor.getrgb(name), name
+        assert all(min(rgb) < 220 - 12 for rgb in shades), "a shade could vanish into the background"
 
 
 def test_write_dataset_rows(tmp_path):

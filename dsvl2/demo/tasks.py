@@ -3,8 +3,8 @@
 The three tasks follow the issue's definitions literally, because the held-out data is generated
 independently from the same definitions:
 
-- **grounding**: a W×H image (each uniform in [256, 768]) on a plain light background (each channel
-  uniform in [220, 255]) with 1-4 non-overlapping shapes, each a distinct (colour, shape) pair. A
+- **grounding**: a W×H image (each uniform in [256, 768]) on a plain light background (white, or each channel
+  uniform in [220, 255]); each colour name is drawn in one of a few shades, Pillow's named colour first with 1-4 non-overlapping shapes, each a distinct (colour, shape) pair. A
   shape's bounding box is square, its side 15-40 % of the shorter image side, and it is the tight box
   of the drawn pixels (a triangle's box is its vertices' extent). Prompt
   ``<image>\\n<|ref|>the {colour} {shape}<|/ref|>.``; answer
@@ -12,7 +12,7 @@ independently from the same definitions:
 - **reading**: one word of ``words.txt`` in black, ``ImageFont.load_default(size)`` with size in
   [28, 56], at a random position on a white image of random size in [200, 512] per side.
 - **charts**: 3-5 bars labelled A, B, C... under the bars, integer heights 1-9, a y-axis with tick
-  labels 0-9, on a white image of random size in [256, 512] per side.
+  labels 0-9 or 0-10, on a white image of random size in [256, 512] per side.
 
 Pixel boxes are inclusive: ``(x1, y1, x2, y2)`` are the first and last columns/rows the shape
 covers, exactly what Pillow's ``ImageDraw`` takes, so the side is ``x2 - x1``.
@@ -45,16 +45,17 @@ from dsvl2.processing.grounding import format_det, format_ref_prompt, parse_grou
 
 TASKS = ("grounding", "reading", "charts")
 
-# Base RGB per colour name. Each has a channel far below 220, so no shape ever matches a light
-# background; a small per-shape jitter keeps a model from keying on one exact RGB value.
+# RGB variants per colour name: Pillow's named colour first (what an independent generator most
+# likely draws), then common shades. Every variant has a channel far below 220, so no shape ever
+# matches a light background; a small per-shape jitter keeps a model from keying on exact values.
 COLOURS = {
-    "red": (210, 30, 30),
-    "green": (30, 150, 50),
-    "blue": (30, 60, 200),
-    "yellow": (235, 195, 0),
-    "purple": (130, 40, 160),
-    "orange": (240, 130, 0),
-    "black": (15, 15, 15),
+    "red": ((255, 0, 0), (210, 30, 30), (220, 20, 60), (178, 34, 34)),
+    "green": ((0, 128, 0), (30, 150, 50), (34, 139, 34), (0, 180, 0)),
+    "blue": ((0, 0, 255), (30, 60, 200), (65, 105, 225), (0, 0, 160)),
+    "yellow": ((255, 255, 0), (235, 195, 0), (255, 215, 0), (240, 230, 40)),
+    "purple": ((128, 0, 128), (130, 40, 160), (148, 0, 211), (160, 32, 240)),
+    "orange": ((255, 165, 0), (240, 130, 0), (255, 140, 0), (255, 110, 20)),
+    "black": ((0, 0, 0), (15, 15, 15), (40, 40, 40)),
 }
 SHAPES = ("circle", "square", "triangle")
 COLOUR_JITTER = 12
@@ -143,14 +144,14 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Sequence[int], rgb: 
 def make_grounding(rng: Random) -> Sample:
     """A light image with 1-4 shapes; the prompt refers to one of them by colour and shape."""
     width, height = rng.randint(256, 768), rng.randint(256, 768)
-    background = tuple(rng.randint(220, 255) for _ in range(3))
+    background = (255, 255, 255) if rng.random() < 0.3 else tuple(rng.randint(220, 255) for _ in range(3))
     pairs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], rng.randint(1, 4))
     boxes = _place_boxes(rng, len(pairs), width, height)
     image = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(image)
     shapes = []
     for (colour, shape), box in zip(pairs, boxes):
-        rgb = _jitter(rng, COLOURS[colour])
+        rgb = _jitter(rng, rng.choice(COLOURS[colour]))
         orientation = rng.choice(("up", "down", "left", "right"))
         _draw_shape(draw, shape, box, rgb, orientation)
         shapes.append({"colour": colour, "shape": shape, "rgb": rgb, "box": box,
@@ -182,21 +183,22 @@ def make_reading(rng: Random, words: Sequence[str]) -> Sample:
 
 
 def make_charts(rng: Random) -> Sample:
-    """A bar chart with a 0-9 y-axis and lettered bars; the prompt asks for one bar's value."""
+    """A bar chart with a 0-9 or 0-10 y-axis and lettered bars; the prompt asks for one bar's value."""
     width, height = rng.randint(256, 512), rng.randint(256, 512)
     n = rng.randint(3, 5)
     values = [rng.randint(1, 9) for _ in range(n)]
     letters = [chr(ord("A") + i) for i in range(n)]
     top, right = rng.randint(8, 30), rng.randint(8, 40)
-    font_size = rng.randint(12, 18)
+    font_size = rng.randint(10, 20)
+    y_max = rng.choice((9, 10))  # an independent generator may end the axis at 9 or at 10
     font = ImageFont.load_default(font_size)
-    left = rng.randint(12, 40) + int(font.getlength("9"))
+    left = rng.randint(12, 40) + int(font.getlength(str(y_max)))
     bottom = font_size + rng.randint(10, 30)
-    base_y, unit = height - bottom, (height - bottom - top) / 9  # y pixel of value 0, px per unit
+    base_y, unit = height - bottom, (height - bottom - top) / y_max  # y pixel of value 0, px per unit
     image = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     grid = rng.random() < 0.5
-    for v in range(10):
+    for v in range(y_max + 1):
         y = round(base_y - v * unit)
         if grid and v > 0:
             draw.line([(left + 1, y), (width - right, y)], fill=(225, 225, 225))
@@ -219,7 +221,7 @@ def make_charts(rng: Random) -> Sample:
     return Sample(task="charts", image=image,
                   prompt=f"<image>\nWhat is the value of bar {letters[asked]}?",
                   answer=str(values[asked]),
-                  meta={"values": values, "letters": letters, "bars": bars, "asked": asked})
+                  meta={"values": values, "letters": letters, "bars": bars, "asked": asked, "y_max": y_max})
 
 
 def make_sample(task: str, rng: Random, words: Sequence[str]) -> Sample:
