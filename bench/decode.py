@@ -360,13 +360,13 @@ def main() -> None:
             mm = m
             for _ in range(3):
                 mm = torch.cat([mm, torch.ones(b, 1, dtype=torch.bool, device=dev)], dim=1)
-                step(model, tok, mm, c2, a.fused_attention)
+                step(model, tok, mm, c2, a.fused_attention, False)
             r[f"compile_s_b{b}"] = clock() - t0
             del c2
         t0 = clock()
         for _ in range(a.decode_tokens):
             m = torch.cat([m, torch.ones(b, 1, dtype=torch.bool, device=dev)], dim=1)
-            tok = step(model, tok, m, cache, a.fused_attention).argmax(-1)
+            tok = step(model, tok, m, cache, a.fused_attention, False).argmax(-1)
         return b * a.decode_tokens / (clock() - t0), cache.bytes_per_token
 
     r["decode_tok_per_s_b1"], kv = decode_rate(1)

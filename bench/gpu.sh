@@ -44,5 +44,5 @@ run() {  # run NAME ARGS...: one decode.py run, its output printed and logged
 
 run gpu_tiny --preset tiny --device cuda
 run gpu_small4 --preset small --layers 4 --device cuda
-run gpu_tiny_compile --preset tiny --device cuda --compile
+TIMEOUT=${TIMEOUT_COMPILE:-$TIMEOUT} run gpu_tiny_compile --preset tiny --device cuda --compile
 exit $status

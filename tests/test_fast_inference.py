@@ -194,3 +194,31 @@ def test_mla_decode_fp32_route_is_bit_identical_at_small_widths(batch, monkeypat
             cache.advance(t)
             outs.append(mla(x[:, t:], cos[:, t:], sin[:, t:], None, cache))
     torch.testing.assert_close(outs[0], outs[1], atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_step_with_padding_decided_once_has_no_graph_break(padded):
+    """decode_one_token(padded=...) == the form that reads the mask, and traces as one graph (the
+    per-step ``attention_mask.all()`` host sync was a graph break under torch.compile)."""
+    from toy import toy_batch, toy_model
+
+    from dsvl2.generation.generate import decode_one_token, prefill
+    from dsvl2.model.cache import make_cache
+
+    model = toy_model("mla", seed=1).to(torch.bfloat16)  # bf16: the grouped expert GEMMs (fp32 under
+    ids, mask, *_ = toy_batch(model, seed=2, lengths=(12, 20) if padded else (20, 20), images=False)
+    assert bool(~mask.all()) == padded  # compile takes the per-expert loop, which syncs by design)
+    lc = model.cfg.language_config
+    outs = []
+    for flag in (None, padded):
+        cache = make_cache(lc, 2, 24, model.dtype, "cpu")
+        with torch.no_grad():
+            tok = prefill(model, model.language.model.embed_tokens(ids), mask, cache).argmax(-1)
+            m = torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], dim=1)
+            outs.append(decode_one_token(model, tok, m, cache, False, flag))
+    assert torch.equal(outs[0], outs[1])
+    cache = make_cache(lc, 2, 24, model.dtype, "cpu")
+    with torch.no_grad():
+        prefill(model, model.language.model.embed_tokens(ids), mask, cache)
+        explained = torch._dynamo.explain(decode_one_token)(model, tok, m, cache, False, padded)
+    assert explained.graph_break_count == 0, explained.break_reasons

@@ -64,14 +64,16 @@ def prefill(model: DSVL2, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
 
 @torch.no_grad()
 def decode_one_token(model: DSVL2, tokens: torch.Tensor, attention_mask: torch.Tensor,
-                     cache: LatentCache | KVCache, fused: bool = False) -> torch.Tensor:
+                     cache: LatentCache | KVCache, fused: bool = False, padded: bool | None = None) -> torch.Tensor:
     """tokens (B,) at the next position; ``attention_mask`` (B, past+1) already includes them.
 
     ``fused``: attention through SDPA (``forward_expanded``), bf16-close instead of the reference's rounding.
+    ``padded``: whether any row has padding (None: read from the mask, a host sync per step); the
+    generation loop decides it once, which also keeps the compiled step free of graph breaks.
     """
     embeds = model.language.model.embed_tokens(tokens[:, None])  # (B, 1, D)
     positions = attention_mask.long().sum(-1, keepdim=True) - 1  # (B, 1)
-    mask = causal_mask(attention_mask, cache.length, 1, embeds.dtype)
+    mask = causal_mask(attention_mask, cache.length, 1, embeds.dtype, padded)
     hidden = model.language.model(embeds, positions, mask, cache, fused)
     # = model.language.logits(hidden): lm_head in the weights' dtype, then fp32; its largest GEMV
     # through the single-row kernel when the batch is one row.
@@ -134,6 +136,7 @@ def generate(model: DSVL2, input_ids: torch.Tensor, attention_mask: torch.Tensor
                      args.expanded_prefill or args.fused_attention)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     step = compiled_decode_one_token() if args.compile else decode_one_token
+    padded = not bool(attention_mask.all())  # decode appends only real tokens: fixed for the whole loop
     for i in range(new):
         token = sample(logits, params, seen, generator)
         token = torch.where(finished, torch.full_like(token, eos_token_id), token)
@@ -144,4 +147,4 @@ def generate(model: DSVL2, input_ids: torch.Tensor, attention_mask: torch.Tensor
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
         attention_mask = torch.cat([attention_mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
-        logits = step(model, token, attention_mask, cache, args.fused_attention)
+        logits = step(model, token, attention_mask, cache, args.fused_attention, padded)

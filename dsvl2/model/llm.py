@@ -33,18 +33,24 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def causal_mask(attention_mask: torch.Tensor, past: int, new: int, dtype: torch.dtype) -> torch.Tensor | None:
+def causal_mask(attention_mask: torch.Tensor, past: int, new: int, dtype: torch.dtype,
+                padded: bool | None = None) -> torch.Tensor | None:
     """Additive (B, 1, S, past+S) mask as transformers 4.38.2 builds it; None when nothing is masked.
 
     ``attention_mask`` (B, past+S) is True on real tokens. Masked entries are exactly ``finfo.min``.
+    ``padded``: whether ``attention_mask`` has any False entry, when the caller knows (a decode loop
+    decides it once); None reads it from the mask, a host sync and a graph break under torch.compile.
     """
+    if new == 1:
+        if padded is None:
+            padded = not bool(attention_mask.all())
+        if not padded:
+            return None  # decode without padding: every key is visible, adding zeros changes nothing
     b, total = attention_mask.shape
     device = attention_mask.device
     q = torch.arange(past, past + new, device=device)[:, None]
     k = torch.arange(total, device=device)[None, :]
     blocked = (k > q)[None, None] | ~attention_mask[:, None, None, :].bool()  # (B, 1, S, T)
-    if new == 1 and bool(attention_mask.all()):
-        return None  # decode without padding: every key is visible, adding zeros changes nothing
     return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(blocked, torch.finfo(dtype).min)
 
 
