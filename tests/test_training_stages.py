@@ -106,7 +106,28 @@ def test_vision_gets_the_lower_rate_and_adamw_betas():
     apply_freezing(model, st)
     groups = {g["name"]: g for g in param_groups(model, st)}
     assert groups["vision"]["lr"] == pytest.approx(1e-4) and groups["main"]["lr"] == pytest.approx(1e-3)
+    assert groups["projector"]["lr"] == pytest.approx(1e-3)  # default multiplier 1
     assert groups["main_nodecay"]["weight_decay"] == 0.0
+    named = dict(model.named_parameters())
+    for g in groups.values():  # every trainable parameter in exactly one group, by its prefix
+        for p in g["params"]:
+            (name,) = [n for n, q in named.items() if q is p]
+            kind = "vision" if name.startswith("vision.") else (
+                "projector" if name.startswith(("projector.", "image_newline", "view_separator")) else "main")
+            assert g["name"].split("_")[0] == kind, (name, g["name"])
+    assert sum(len(g["params"]) for g in groups.values()) == sum(p.requires_grad for p in named.values())
+
+
+def test_projector_multiplier_sets_the_adaptor_rate():
+    model = make_model()
+    st = stage(2, lr=2e-3, vision_lr_mult=0.1, projector_lr_mult=0.25)
+    apply_freezing(model, st)
+    groups = {g["name"]: g for g in param_groups(model, st)}
+    assert groups["projector"]["lr"] == pytest.approx(5e-4)
+    assert groups["projector_nodecay"]["lr"] == pytest.approx(5e-4)  # biases, newline / separator
+    assert groups["vision"]["lr"] == pytest.approx(2e-4) and groups["main"]["lr"] == pytest.approx(2e-3)
+    with pytest.raises(ConfigError, match="projector_lr_mult"):
+        StageConfig(projector_lr_mult=-1)
     assert default_stage(1).betas == (0.9, 0.95) and default_stage(3).grad_clip == 1.0
     assert [default_stage(n).schedule for n in (1, 2, 3)] == ["cosine", "step", "constant"]
 

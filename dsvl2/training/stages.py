@@ -57,6 +57,7 @@ class StageConfig:
     train: tuple[str, ...] = ("vision", "projector", "language")  # keys of MODULE_GROUPS
     lr: float = 1e-4
     vision_lr_mult: float = 0.1  # the paper's lower rate for the vision encoder
+    projector_lr_mult: float = 1.0  # the VL adaptor (projector, newline / separator embeddings)
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -98,8 +99,8 @@ class StageConfig:
             raise bad("schedule", f"expected one of {SCHEDULES}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise bad("betas", "two values in [0, 1)")
-        if self.lr <= 0 or self.vision_lr_mult < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise bad("lr", "lr > 0, vision_lr_mult >= 0, min_lr_ratio in [0, 1]")
+        if self.lr <= 0 or self.vision_lr_mult < 0 or self.projector_lr_mult < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise bad("lr", "lr > 0, vision_lr_mult >= 0, projector_lr_mult >= 0, min_lr_ratio in [0, 1]")
         if self.steps <= 0 or self.batch_size <= 0 or self.seq_len <= 0:
             raise bad("steps", "steps, batch_size and seq_len must be positive")
         if not 0 <= self.warmup_steps <= self.steps:
@@ -202,20 +203,23 @@ def apply_freezing(model: nn.Module, stage: StageConfig) -> list[str]:
 
 
 def param_groups(model: nn.Module, stage: StageConfig) -> list[dict[str, Any]]:
-    """AdamW groups: (vision | rest) x (decay | no decay); norms, biases and 1-D tensors get no decay."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    """AdamW groups: (vision | projector | rest) x (decay | no decay); norms, biases and 1-D tensors
+    get no decay. Vision and projector parameters take ``lr`` times their stage multiplier."""
+    kinds = {"vision": MODULE_GROUPS["vision"], "projector": MODULE_GROUPS["projector"]}
+    mults = {"vision": stage.vision_lr_mult, "projector": stage.projector_lr_mult, "main": 1.0}
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        vision = name.startswith("vision.")
+        kind = next((k for k, prefixes in kinds.items() if name.startswith(prefixes)), "main")
         decay = p.dim() >= 2 and "norm" not in name
-        groups.setdefault((vision, decay), []).append(p)
+        groups.setdefault((kind, decay), []).append(p)
     out = []
-    for (vision, decay), params in sorted(groups.items()):
-        lr = stage.lr * (stage.vision_lr_mult if vision else 1.0)
+    for (kind, decay), params in sorted(groups.items()):
+        lr = stage.lr * mults[kind]
         out.append({"params": params, "lr": lr, "initial_lr": lr,
                     "weight_decay": stage.weight_decay if decay else 0.0,
-                    "name": f"{'vision' if vision else 'main'}{'' if decay else '_nodecay'}"})
+                    "name": f"{kind}{'' if decay else '_nodecay'}"})
     return out
 
 
