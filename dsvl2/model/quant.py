@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from .layers import linear  # noqa: F401  (re-exported: the single-row fast path lives in layers)
 from .moe import Experts, dispatch
 
 QUANTIZE_MODES = ("int8",)
@@ -68,19 +69,6 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         y = torch._weight_int8pack_mm(x.reshape(rows, k).contiguous(), q, scale)  # (rows, O)
         return y.view(*x.shape[:-1], q.shape[0])
     return F.linear(x, q.to(x.dtype)) * scale
-
-
-def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """``layer(x)`` for a bias-free linear layer (``nn.Linear`` or ``Int8Linear``), fastest kernel chosen.
-
-    A single bf16/fp16 row on CPU goes through ``torch.mv``: the same fp32-accumulated dot products as
-    ``F.linear``'s GEMM path (bit-identical, tested) but ~1.4x faster per byte of weight on this CPU
-    (bench/decode.py). Everything else is ``layer(x)``.
-    """
-    if (type(layer) is nn.Linear and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-            and x.numel() == x.shape[-1] and layer.bias is None):
-        return torch.mv(layer.weight, x.reshape(-1)).view(*x.shape[:-1], layer.out_features)
-    return layer(x)
 
 
 class Int8Weight(torch.Tensor):
