@@ -103,18 +103,25 @@ def test_compiled_decode_matches_eager():
     """GenerateArgs(compile=True): same greedy tokens, logits within fp32 noise (compiles for minutes)."""
     from toy import toy_batch, toy_model
 
-    from dsvl2.generation.generate import GenerateArgs, generate
+    from dsvl2.generation.generate import GenerateArgs
 
     model = toy_model("mla", seed=1)
     ids, mask, *_ = toy_batch(model, seed=2, lengths=(12, 20), images=False)
+    _assert_same_generation(model, (ids, mask, None, None, None), GenerateArgs(max_new_tokens=5),
+                            GenerateArgs(max_new_tokens=5, compile=True))
+
+
+def _assert_same_generation(model, inputs, args_a, args_b):
+    """Greedy generation under ``args_a`` and ``args_b``: same tokens, logits within fp32 noise."""
+    from dsvl2.generation.generate import generate
+
     runs = []
-    for compile_ in (False, True):
-        steps = generate(model, ids, mask, None, None, None, GenerateArgs(max_new_tokens=5, compile=compile_),
-                         eos_token_id=1, return_logits=True)
+    for args in (args_a, args_b):
+        steps = generate(model, *inputs, args, eos_token_id=1, return_logits=True)
         runs.append([(s.tokens, s.logits) for s in steps])
     for (ta, la), (tb, lb) in zip(*runs):
         assert torch.equal(ta, tb)
-        torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("variant", ["mha", "mla"])
@@ -149,18 +156,12 @@ def test_fused_attention_decode_equals_reference_form(variant):
     """GenerateArgs(fused_attention=True): SDPA prefill and decode give the reference logits (fp32)."""
     from toy import toy_batch, toy_model
 
-    from dsvl2.generation.generate import GenerateArgs, generate
+    from dsvl2.generation.generate import GenerateArgs
 
     model = toy_model(variant, seed=5)
-    ids, mask, tiles, seq_mask, crop = toy_batch(model, seed=6, lengths=(14, 25))
-    runs = []
-    for fused in (False, True):
-        steps = generate(model, ids, mask, tiles, seq_mask, crop, GenerateArgs(max_new_tokens=4, fused_attention=fused),
-                         eos_token_id=1, return_logits=True)
-        runs.append([(s.tokens, s.logits) for s in steps])
-    for (ta, la), (tb, lb) in zip(*runs):
-        assert torch.equal(ta, tb)
-        torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-4)
+    inputs = toy_batch(model, seed=6, lengths=(14, 25))  # ids, mask, tiles, seq_mask, crop
+    _assert_same_generation(model, inputs, GenerateArgs(max_new_tokens=4),
+                            GenerateArgs(max_new_tokens=4, fused_attention=True))
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -205,9 +206,10 @@ def test_decode_step_with_padding_decided_once_has_no_graph_break(padded):
     from dsvl2.generation.generate import decode_one_token, prefill
     from dsvl2.model.cache import make_cache
 
-    model = toy_model("mla", seed=1).to(torch.bfloat16)  # bf16: the grouped expert GEMMs (fp32 under
+    # bf16: the grouped expert GEMMs (fp32 under compile takes the per-expert loop, which syncs by design)
+    model = toy_model("mla", seed=1).to(torch.bfloat16)
     ids, mask, *_ = toy_batch(model, seed=2, lengths=(12, 20) if padded else (20, 20), images=False)
-    assert bool(~mask.all()) == padded  # compile takes the per-expert loop, which syncs by design)
+    assert bool(~mask.all()) == padded
     lc = model.cfg.language_config
     outs = []
     for flag in (None, padded):
