@@ -27,6 +27,19 @@ def test_smoke_build_writes_a_loadable_model_with_card(tmp_path):
     assert pipe.model.cfg.vision_config.image_size == 112
 
 
+def test_build_cli_names_a_missing_recipe_and_an_absent_gpu(tmp_path, capsys, monkeypatch):
+    from dsvl2.demo.build import main
+
+    assert main(["--out", str(tmp_path / "m"), "--recipe", str(tmp_path / "nope.toml"), "--smoke"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read recipe" in err and "nope.toml" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path / "m"), "--device", "cuda"])
+    assert exit_.value.code == 2 and "torch.cuda.is_available() is False" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 shipped = pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(), reason="demo model not built")
 
 

@@ -34,6 +34,7 @@ import torch
 
 from dsvl2.config import DSVL2Config, LanguageConfig, ProjectorConfig, VisionConfig
 from dsvl2.demo.tasks import COLOURS, SHAPES, TASKS, generate, load_words, make_sample
+from dsvl2.errors import DSVL2Error
 from dsvl2.processing.grounding import format_det
 from dsvl2.processing.processor import Processor, ProcessorConfig
 from dsvl2.processing.tokenizer import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, Tokenizer
@@ -374,8 +375,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--recipe", type=Path, default=RECIPE, help="recipe TOML (default: the shipped demo.toml)")
     parser.add_argument("--device", default="cpu", help="torch device to train on (the shipped model: cpu)")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch.cuda.is_available() is False on this machine")
     work = args.work or args.out.with_name(args.out.name + ".work")
-    card = build(args.out, work, args.smoke, args.workers, args.eval_n, args.threads, args.recipe, args.device)
+    try:
+        card = build(args.out, work, args.smoke, args.workers, args.eval_n, args.threads, args.recipe, args.device)
+    except DSVL2Error as err:  # a bad recipe or data: the message names it; checkpoints so far are kept
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(json.dumps({k: card[k] for k in ("train_seconds", "size_bytes", "params")} |
                      {"accuracy": card["scores"]["accuracy"]}, indent=2))
     return 0
