@@ -2,7 +2,7 @@
 
     python bench/make_checkpoint.py --preset tiny --out /work/ckpt/tiny                 # full Tiny, random
     python bench/make_checkpoint.py --preset small --layers 4 --out /work/ckpt/small4   # MLA cache path
-    python bench/decode.py --model /work/ckpt/tiny [--quantize int8] [--fused-attention] [--compile] [--threads 2]
+    python bench/decode.py --model /work/ckpt/tiny [--quantize int8] [--fused-attention] [--cpu-kernels] [--compile] [--threads 2]
     python bench/decode.py --preset tiny --device cuda --json out.json   # random weights built on the GPU
     python bench/decode.py --preset small --layers 4 --device cuda [--compile] --json out.json
 
@@ -64,6 +64,7 @@ from dsvl2.generation.generate import (
     decode_one_token,
     prefill,
 )
+from dsvl2.model import cpu_kernels
 from dsvl2.model.cache import make_cache
 from dsvl2.model.init import init_random_
 from dsvl2.model.vlm import DSVL2
@@ -77,6 +78,9 @@ from make_checkpoint import GOLDEN_TOKENIZER, preset_config, write_processor_fil
 GIB = 1 << 30
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = torch.device("cpu")  # where the run's tensors live; set once by main()
+
+
+WARMUP_STEPS = 2  # decode steps run before the timed ones
 
 
 def clock() -> float:
@@ -269,6 +273,8 @@ def main() -> None:
     ap.add_argument("--quantize", default=None, choices=[None, "int8"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="decode through torch.compile")
+    ap.add_argument("--cpu-kernels", action="store_true",
+                    help="decode through the opt-in AVX512-BF16 kernels (dsvl2/model/cpu_kernels.py)")
     ap.add_argument("--fused-attention", action="store_true",
                     help="SDPA attention in prefill and decode (GenerateArgs.fused_attention: bf16-close)")
     ap.add_argument("--decode-tokens", type=int, default=32)
@@ -291,7 +297,10 @@ def main() -> None:
     r: dict[str, float | str | None] = {"model": name, "threads": a.threads,
                                         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
                                         "loadavg_start": os.getloadavg()[0], "quantize": str(a.quantize),
-                                        "fused_attention": str(a.fused_attention), "compile": str(a.compile)}
+                                        "fused_attention": str(a.fused_attention), "compile": str(a.compile),
+                                        "cpu_kernels": str(a.cpu_kernels)}
+    if a.cpu_kernels:
+        cpu_kernels.enable()
     if dev.type == "cuda":
         r.update(device="cuda", gpu_name=torch.cuda.get_device_name(dev))
         r.update(machine(torch.bfloat16))  # in process: host RSS is not what is measured on a GPU
@@ -332,7 +341,7 @@ def main() -> None:
 
     t_prompt = embeds.shape[1]
     mask = batch.attention_mask.bool()
-    total = t_prompt + a.decode_tokens + 1
+    total = t_prompt + a.decode_tokens + WARMUP_STEPS + 1
 
     def run_prefill(e: torch.Tensor, m: torch.Tensor):
         cache = make_cache(lc, e.shape[0], total, model.dtype, dev)
@@ -363,8 +372,9 @@ def main() -> None:
                 step(model, tok, mm, c2, a.fused_attention, False)
             r[f"compile_s_b{b}"] = clock() - t0
             del c2
-        t0 = clock()
-        for _ in range(a.decode_tokens):
+        for i in range(a.decode_tokens + WARMUP_STEPS):
+            if i == WARMUP_STEPS:  # first steps untimed: one-time allocations, idle threads waking
+                t0 = clock()
             m = torch.cat([m, torch.ones(b, 1, dtype=torch.bool, device=dev)], dim=1)
             tok = step(model, tok, m, cache, a.fused_attention, False).argmax(-1)
         return b * a.decode_tokens / (clock() - t0), cache.bytes_per_token

@@ -7,7 +7,12 @@ Variants (all greedy, same weights, same cache length):
   every linear through ``F.linear``, attention scores and weighted sums through torch's bf16 matmul;
 - ``default``: what ``generate`` runs (bit-identical to ``plain``): grouped expert GEMMs (transposed
   for decode), single-row linears through ``torch.mv``, one query row over the cache in fp32;
-- ``fused``: ``GenerateArgs(fused_attention=True)``: SDPA over the cache (bf16-close).
+- ``fused``: ``GenerateArgs(fused_attention=True)``: SDPA over the cache (bf16-close);
+- ``kernels``: ``fused`` plus the opt-in AVX512-BF16 kernels (``dsvl2.load(..., cpu_kernels=True)``):
+  single-row GEMVs and the routed experts of a token in C (batch 1 only; bf16-close).
+Then prefill of the same prompt (batch 1), interleaved the same way: ``unblocked`` (the reference
+attention over all query rows at once, as before), ``default`` (in blocks of 128 query rows,
+bit-identical) and ``fused`` (SDPA).
 Each round decodes ``--steps`` tokens per variant in turn (A, B, C, A, B, C, ...), so a change of the
 machine's load hits all variants alike; the best and median rounds are printed, with ratios to plain.
 A prompt of random token ids stands in for the 1-image prompt (same length, no vision work).
@@ -28,7 +33,7 @@ import torch
 
 import dsvl2
 from dsvl2.generation import generate as gen
-from dsvl2.model import attention, moe
+from dsvl2.model import attention, cpu_kernels, moe
 from dsvl2.model.cache import make_cache
 
 
@@ -43,6 +48,25 @@ def plain_forms():
         yield
     finally:
         attention.linear, gen.linear, attention.one_cpu_query_row, moe.grouped_mm_supported = saved
+
+
+@contextlib.contextmanager
+def kernels_on():
+    cpu_kernels.enable(True)
+    try:
+        yield
+    finally:
+        cpu_kernels.enable(False)
+
+
+@contextlib.contextmanager
+def unblocked_attention():
+    saved = attention.CPU_QUERY_BLOCK
+    attention.CPU_QUERY_BLOCK = 1 << 30
+    try:
+        yield
+    finally:
+        attention.CPU_QUERY_BLOCK = saved
 
 
 def main() -> None:
@@ -60,6 +84,8 @@ def main() -> None:
     print(f"model {a.model}, prompt {a.prompt} tokens, threads {a.threads}, loadavg {os.getloadavg()[0]:.2f}")
     variants = {"plain": (plain_forms, False), "default": (contextlib.nullcontext, False),
                 "fused": (contextlib.nullcontext, True)}
+    if cpu_kernels.available():
+        variants["kernels"] = (kernels_on, True)
     for b in a.batch:
         ids = torch.randint(1000, 100000, (b, a.prompt), generator=torch.Generator().manual_seed(b))
         mask = torch.ones(b, a.prompt, dtype=torch.bool)
@@ -87,6 +113,26 @@ def main() -> None:
               + " | median " + ", ".join(f"{k} {v:.2f}" for k, v in median.items()))
         print(f"batch {b}: best vs plain " + ", ".join(f"{k} {best[k] / best['plain']:.2f}x" for k in variants)
               + f" | loadavg {os.getloadavg()[0]:.2f}")
+
+    prefill_variants = {"unblocked": (unblocked_attention, False), "default": (contextlib.nullcontext, False),
+                        "fused": (contextlib.nullcontext, True)}
+    ids = torch.randint(1000, 100000, (1, a.prompt), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(1, a.prompt, dtype=torch.bool)
+    times: dict[str, list[float]] = {name: [] for name in prefill_variants}
+    with torch.no_grad():
+        embeds = model.language.model.embed_tokens(ids)
+        for r in range(a.rounds // 2 + 1):
+            for name, (ctx, fused) in prefill_variants.items():
+                cache = make_cache(lc, 1, a.prompt, model.dtype, "cpu")
+                with ctx():
+                    t0 = time.perf_counter()
+                    gen.prefill(model, embeds, mask, cache, expanded=fused)
+                    if r:  # round 0 warms up
+                        times[name].append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in times.items()}
+    print(f"prefill {a.prompt} tokens: best s " + ", ".join(f"{k} {v:.2f}" for k, v in best.items())
+          + " | speed vs unblocked " + ", ".join(f"{k} {best['unblocked'] / v:.2f}x" for k, v in best.items())
+          + f" | loadavg {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -213,11 +213,19 @@ def _find_stop(text: str, stop: Sequence[str], start: int) -> int | None:
 
 
 def load(model_dir: str | Path | None = None, dtype: str | torch.dtype = "bf16", device: str | None = None,
-         progress: Callable[[int, int], None] | None = None, quantize: str | None = None) -> Pipeline:
+         progress: Callable[[int, int], None] | None = None, quantize: str | None = None,
+         cpu_kernels: bool = False) -> Pipeline:
     """Load a model directory in the official Hugging Face layout (config, safetensors, tokenizer).
 
     ``quantize="int8"``: int8 weight-only language model (about half the memory and bytes per token).
+    ``cpu_kernels=True``: bf16 batch-1 decode on CPU through dsvl2's AVX512-BF16 kernels
+    (``dsvl2.model.cpu_kernels``; process-wide, bf16-close rather than bit-identical); an
+    ``InputError`` says why where they cannot run.
     """
+    if cpu_kernels:
+        from .model import cpu_kernels as kernels
+
+        kernels.enable()
     if model_dir is None:
         from .demo import default_model_dir
 

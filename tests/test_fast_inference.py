@@ -37,6 +37,32 @@ def test_grouped_experts_equal_per_expert_loop(dtype, n):
     assert torch.equal(fast, plain)  # same GEMM per expert on the same rows: bit-identical
 
 
+def _official_moe_infer(ex: Experts, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``DeepseekV2MoE.moe_infer`` of the official modeling_deepseek.py, transcribed."""
+    cnts = idx.new_zeros((idx.shape[0], ex.gate_proj.shape[0])).scatter_(1, idx, 1).sum(dim=0)
+    idxs = idx.view(-1).argsort()
+    sorted_tokens = x[idxs // idx.shape[1]]
+    outputs, start = [], 0
+    for e, num in enumerate(cnts.tolist()):
+        if num:
+            outputs.append(ex.expert(e, sorted_tokens[start:start + num]))
+            start += num
+    outs = torch.cat(outputs, dim=0)
+    new_x = torch.empty_like(outs)
+    new_x[idxs] = outs
+    return new_x.view(*idx.shape, -1).type(weight.dtype).mul_(weight.unsqueeze(dim=-1)).sum(dim=1).type(new_x.dtype)
+
+
+@pytest.mark.parametrize("k", [2, 6])
+@pytest.mark.parametrize("n", [1, 40])
+def test_expert_combine_is_the_official_moe_infer_bit_for_bit(k, n):
+    ex = _experts(torch.bfloat16, seed=k)
+    x = torch.randn(n, 64, generator=torch.Generator().manual_seed(n)).bfloat16()
+    idx, weight = _routing(n, k, 8, seed=n + k)
+    with torch.no_grad():
+        assert torch.equal(ex(x, idx, weight), _official_moe_infer(ex, x, idx, weight))
+
+
 def test_grouped_experts_gradients_equal_per_expert_loop():
     idx, weight = _routing(12, 3, 8, seed=5)
     x = torch.randn(12, 64, generator=torch.Generator().manual_seed(6))

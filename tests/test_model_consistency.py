@@ -92,3 +92,18 @@ def test_cache_bytes_per_token_is_latent_minimum():
     lc = model.cfg.language_config
     cache = make_cache(lc, 1, 8, torch.bfloat16, "cpu")
     assert cache.bytes_per_token == lc.num_hidden_layers * (lc.kv_lora_rank + lc.qk_rope_head_dim) * 2
+
+
+@pytest.mark.parametrize("variant", ["mla", "mha"])
+def test_query_blocked_reference_attention_is_bit_identical(variant, monkeypatch):
+    """CPU prefill attends in blocks of query rows; the numbers are those of one pass, bit for bit (bf16)."""
+    from dsvl2.model import attention
+
+    model = toy_model(variant, seed=8, dtype=torch.bfloat16)
+    ids, mask, tiles, seq_mask, crop = toy_batch(model, seed=9, lengths=(37, 50))
+    with torch.no_grad():
+        whole = model(ids, mask, tiles.bfloat16(), seq_mask, crop)
+        monkeypatch.setattr(attention, "CPU_QUERY_BLOCK", 16)  # several blocks, the last one partial
+        blocked = model(ids, mask, tiles.bfloat16(), seq_mask, crop)
+    assert ids.shape[1] > 3 * 16
+    assert torch.equal(blocked, whole)

@@ -13,7 +13,7 @@ from torch import nn
 from ..config import LanguageConfig
 from .attention import MHA, MLA
 from .cache import KVCache, LatentCache
-from .layers import MLP, RMSNorm, RotaryTable
+from .layers import MLP, RMSNorm, RotaryTable, linear
 from .moe import MoE
 
 
@@ -97,4 +97,4 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head in the weights' dtype, then fp32 (as the official forward)."""
-        return self.lm_head(hidden).float()
+        return linear(hidden, self.lm_head).float()

@@ -1,0 +1,130 @@
+"""Opt-in CPU decode kernels (AVX512-BF16): bf16 GEMV and a fused routed-experts step.
+
+Batch-1 decode on CPU is bound by reading the weights; torch's bf16 GEMV streams them at 45-75 % of
+the machine's read bandwidth, and the routed experts cost a dozen small ops per layer. The C kernels
+in ``csrc/cpu_kernels.c`` stream the weights with VDPBF16PS over torch's OpenMP threads and run the
+six chosen experts of a token (gate, up, SiLU, down, weighted sum) in one call.
+
+They round where the reference rounds but accumulate the dot products in another order, so results
+are bf16-close rather than bit-identical to the reference path (like ``--fused-attention``). Hence
+opt-in: ``dsvl2.load(..., cpu_kernels=True)``, ``dsvl2 chat --cpu-kernels``, or ``enable()``.
+
+The library is compiled on first use with the system C compiler (``$CC``, default ``gcc``; a few
+seconds) into ``$DSVL2_CACHE_DIR`` (default ``~/.cache/dsvl2``), keyed by the source's hash. Used only
+for bf16 tensors on CPU, without autograd, on CPUs with AVX512-BF16; everything else keeps the
+torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
+FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp"]
+MOE_MAX_TOKENS = 1  # one token: with more, tokens sharing an expert would re-read it (grouped GEMMs win at batch 8)
+
+_state: dict[str, object] = {"enabled": False, "lib": None, "error": None}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("DSVL2_CACHE_DIR") or Path.home() / ".cache" / "dsvl2")
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC", "gcc")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_kernels-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                                  check=False)
+            if proc.returncode != 0:
+                raise OSError(f"{cc} failed on {SOURCE}:\n{proc.stderr.strip()[-2000:]}")
+            os.replace(tmp, target)  # atomic: concurrent builders each write their own temp file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.dsvl2_cpu_supported.restype = ctypes.c_int
+    lib.dsvl2_gemv_bf16.argtypes = [p, i64, i64, i64, p, p]
+    lib.dsvl2_gemv_bf16.restype = None
+    lib.dsvl2_moe_bf16.argtypes = [p, i64, i64, p, p, p, i64, p, p, i64, p, p, p]
+    lib.dsvl2_moe_bf16.restype = None
+    return lib
+
+
+def _lib() -> ctypes.CDLL | None:
+    if _state["lib"] is None and _state["error"] is None:
+        try:
+            lib = _build()
+            if not lib.dsvl2_cpu_supported():
+                raise OSError("this CPU lacks AVX512-BF16 (avx512_bf16 in /proc/cpuinfo)")
+            _state["lib"] = lib
+        except (OSError, FileNotFoundError) as e:
+            _state["error"] = str(e)
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """Whether the kernels can run here (compiles them on the first call)."""
+    return _lib() is not None
+
+
+def enable(on: bool = True) -> None:
+    """Route bf16 CPU decode through the kernels (process-wide, like ``torch.backends`` flags)."""
+    if on and not available():
+        raise InputError(f"CPU kernels unavailable: {_state['error']}")
+    _state["enabled"] = on
+
+
+def enabled() -> bool:
+    return bool(_state["enabled"])
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether ``x`` (activations) takes the kernels: enabled, bf16, CPU, no autograd."""
+    return (bool(_state["enabled"]) and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight (O, I) bf16 with unit column stride, x (I,) bf16 -> (O,) bf16."""
+    lib = _lib()
+    o, i = weight.shape
+    assert weight.stride(1) == 1 and x.numel() == i, (weight.shape, weight.stride(), x.shape)
+    x = x.contiguous()
+    y = torch.empty(o, dtype=torch.bfloat16)
+    lib.dsvl2_gemv_bf16(weight.data_ptr(), o, i, weight.stride(0), x.data_ptr(), y.data_ptr())  # type: ignore[union-attr]
+    return y
+
+
+def moe(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,
+        weight: torch.Tensor) -> torch.Tensor:
+    """Routed experts for x (T, D) bf16: gate/up (E, I, D), down (E, D, I), idx (T, K), weight (T, K) fp32."""
+    lib = _lib()
+    t, d = x.shape
+    i = gate.shape[1]
+    k = idx.shape[1]
+    x, gate, up, down = x.contiguous(), gate.contiguous(), up.contiguous(), down.contiguous()
+    idx = idx.to(torch.int64).contiguous()
+    weight = weight.to(torch.float32).contiguous()
+    h = torch.empty(t * k * i, dtype=torch.bfloat16)
+    y = torch.empty(t * k * d, dtype=torch.float32)
+    out = torch.empty(t, d, dtype=torch.bfloat16)
+    lib.dsvl2_moe_bf16(x.data_ptr(), t, d, gate.data_ptr(), up.data_ptr(), down.data_ptr(), i,  # type: ignore[union-attr]
+                       idx.data_ptr(), weight.data_ptr(), k, h.data_ptr(), y.data_ptr(), out.data_ptr())
+    return out

@@ -1,0 +1,85 @@
+"""The opt-in AVX512-BF16 decode kernels (dsvl2/model/cpu_kernels.py) against torch's reference math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsvl2.generation.generate import GenerateArgs, generate
+from dsvl2.model import cpu_kernels
+from dsvl2.model.moe import Experts
+from toy import toy_batch, toy_model
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX512-BF16 CPU or no C compiler")
+
+
+@pytest.fixture
+def kernels_on():
+    cpu_kernels.enable(True)
+    yield
+    cpu_kernels.enable(False)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (37, 40), (5, 33), (896, 1280), (3, 1)])
+def test_gemv_equals_fp32_product_rounded_to_bf16(shape):
+    o, i = shape
+    g = torch.Generator().manual_seed(o * i)
+    w, x = torch.randn(o, i, generator=g).bfloat16(), torch.randn(i, generator=g).bfloat16()
+    ref = (w.double() @ x.double()).float()
+    y = cpu_kernels.gemv(w, x)
+    assert y.dtype == torch.bfloat16 and y.shape == (o,)
+    # fp32 accumulation in another order, then one bf16 rounding: within one bf16 ulp of the exact sum
+    torch.testing.assert_close(y.float(), ref, rtol=2 ** -7, atol=1e-5 * i)
+
+
+def test_gemv_reads_rows_with_a_stride():
+    g = torch.Generator().manual_seed(1)
+    big = torch.randn(48, 100, generator=g).bfloat16()
+    w, x = big[:, 10:74], torch.randn(64, generator=g).bfloat16()  # row stride 100, unit column stride
+    assert torch.equal(cpu_kernels.gemv(w, x), cpu_kernels.gemv(w.contiguous(), x))
+
+
+@pytest.mark.parametrize("k", [2, 6])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_fused_experts_equal_the_grouped_path(k, tokens):
+    g = torch.Generator().manual_seed(k + tokens)
+    ex = Experts(8, 64, 40)
+    for p in ex.parameters():
+        p.data = (torch.randn(p.shape, generator=g) * 0.1).bfloat16()
+    x = torch.randn(tokens, 64, generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(8, generator=g)[:k] for _ in range(tokens)])
+    weight = torch.rand(tokens, k, generator=g)
+    with torch.no_grad():
+        fused = cpu_kernels.moe(x, ex.gate_proj, ex.up_proj, ex.down_proj, idx, weight)
+        plain = ex(x, idx, weight)  # kernels off: the grouped GEMMs
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=2 ** -6, atol=2e-3)
+
+
+def test_not_used_with_autograd(kernels_on):
+    x = torch.randn(1, 8).bfloat16().requires_grad_()
+    assert not cpu_kernels.usable(x)
+    with torch.no_grad():
+        assert cpu_kernels.usable(x.detach())
+    assert not cpu_kernels.usable(x.detach().float())
+
+
+@pytest.mark.parametrize("variant", ["mla", "mha"])
+def test_greedy_generation_is_unchanged(variant, kernels_on, monkeypatch):
+    calls = {"gemv": 0, "moe": 0}
+    for name in calls:
+        def counted(*args, _f=getattr(cpu_kernels, name), _n=name):
+            calls[_n] += 1
+            return _f(*args)
+        monkeypatch.setattr(cpu_kernels, name, counted)
+    model = toy_model(variant, seed=3, dtype=torch.bfloat16)
+    ids, mask, tiles, seq_mask, crop = toy_batch(model, seed=4, lengths=(20,))
+    tiles = tiles.bfloat16()
+
+    def tokens():
+        return [s.tokens.tolist() for s in generate(model, ids, mask, tiles, seq_mask, crop,
+                                                    GenerateArgs(max_new_tokens=8), 1)]
+
+    fast = tokens()
+    assert calls["moe"] > 0 and calls["gemv"] > 0  # batch-1 decode went through both kernels
+    cpu_kernels.enable(False)
+    assert fast == tokens()
