@@ -61,6 +61,8 @@ def test_not_used_with_autograd(kernels_on):
     with torch.no_grad():
         assert cpu_kernels.usable(x.detach())
     assert not cpu_kernels.usable(x.detach().float())
+    with torch.no_grad():
+        assert not cpu_kernels.usable(x.detach(), torch.zeros(2, 8))  # fp32 weights (autocast): torch path
 
 
 @pytest.mark.parametrize("variant", ["mla", "mha"])

@@ -95,10 +95,10 @@ def enabled() -> bool:
     return bool(_state["enabled"])
 
 
-def usable(x: torch.Tensor) -> bool:
-    """Whether ``x`` (activations) takes the kernels: enabled, bf16, CPU, no autograd."""
-    return (bool(_state["enabled"]) and x.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and x.requires_grad))
+def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether activations ``x`` with ``weights`` take the kernels: enabled, all bf16 on CPU, no autograd."""
+    return (bool(_state["enabled"]) and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (x, *weights))
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))))
 
 
 def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """
     if (type(layer) is nn.Linear and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
             and x.numel() == x.shape[-1] and layer.bias is None):
-        if cpu_kernels.usable(x) and layer.weight.stride(-1) == 1:  # opt-in AVX512-BF16 GEMV
+        if cpu_kernels.usable(x, layer.weight) and layer.weight.stride(-1) == 1:  # opt-in AVX512-BF16 GEMV
             return cpu_kernels.gemv(layer.weight, x.reshape(-1)).view(*x.shape[:-1], layer.out_features)
         return torch.mv(layer.weight, x.reshape(-1)).view(*x.shape[:-1], layer.out_features)
     return layer(x)

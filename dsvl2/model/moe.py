@@ -138,7 +138,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x (N, D), idx/weight (N, K) -> sum_k weight * expert_idx(x): one grouped GEMM per projection."""
-        if (x.shape[0] <= cpu_kernels.MOE_MAX_TOKENS and cpu_kernels.usable(x)
+        if (x.shape[0] <= cpu_kernels.MOE_MAX_TOKENS and cpu_kernels.usable(x, self.gate_proj)
                 and not parametrize.is_parametrized(self)):  # opt-in fused decode kernel
             return cpu_kernels.moe(x, self.gate_proj, self.up_proj, self.down_proj, idx, weight)
         if not grouped_mm_supported(x):
