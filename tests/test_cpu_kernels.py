@@ -85,3 +85,14 @@ def test_greedy_generation_is_unchanged(variant, kernels_on, monkeypatch):
     assert calls["moe"] > 0 and calls["gemv"] > 0  # batch-1 decode went through both kernels
     cpu_kernels.enable(False)
     assert fast == tokens()
+
+
+def test_a_missing_compiler_is_named_in_the_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("DSVL2_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_state", {"enabled": False, "lib": None, "error": None})
+    from dsvl2.errors import InputError
+
+    with pytest.raises(InputError, match="no C compiler .*no-such-cc.* set \\$CC"):
+        cpu_kernels.enable()
+    assert not cpu_kernels.enabled()

@@ -49,8 +49,11 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
-                                  check=False)
+            try:
+                proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                                      check=False)
+            except FileNotFoundError:
+                raise OSError(f"no C compiler {cc!r} to build {SOURCE.name} (install gcc or set $CC)") from None
             if proc.returncode != 0:
                 raise OSError(f"{cc} failed on {SOURCE}:\n{proc.stderr.strip()[-2000:]}")
             os.replace(tmp, target)  # atomic: concurrent builders each write their own temp file
@@ -74,7 +77,7 @@ def _lib() -> ctypes.CDLL | None:
             if not lib.dsvl2_cpu_supported():
                 raise OSError("this CPU lacks AVX512-BF16 (avx512_bf16 in /proc/cpuinfo)")
             _state["lib"] = lib
-        except (OSError, FileNotFoundError) as e:
+        except OSError as e:
             _state["error"] = str(e)
     return _state["lib"]  # type: ignore[return-value]
 
