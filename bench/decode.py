@@ -274,7 +274,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="decode through torch.compile")
     ap.add_argument("--cpu-kernels", action="store_true",
-                    help="decode through the opt-in AVX512-BF16 kernels (dsvl2/model/cpu_kernels.py)")
+                    help="decode through the opt-in AVX512 kernels, bf16 or int8 (dsvl2/model/cpu_kernels.py)")
     ap.add_argument("--fused-attention", action="store_true",
                     help="SDPA attention in prefill and decode (GenerateArgs.fused_attention: bf16-close)")
     ap.add_argument("--decode-tokens", type=int, default=32)

@@ -218,8 +218,8 @@ def load(model_dir: str | Path | None = None, dtype: str | torch.dtype = "bf16",
     """Load a model directory in the official Hugging Face layout (config, safetensors, tokenizer).
 
     ``quantize="int8"``: int8 weight-only language model (about half the memory and bytes per token).
-    ``cpu_kernels=True``: bf16 batch-1 decode on CPU through dsvl2's AVX512-BF16 kernels
-    (``dsvl2.model.cpu_kernels``; process-wide, bf16-close rather than bit-identical); an
+    ``cpu_kernels=True``: batch-1 decode on CPU (bf16, or int8 with ``quantize="int8"``) through dsvl2's
+    AVX512 kernels (``dsvl2.model.cpu_kernels``; process-wide, bf16-close rather than bit-identical); an
     ``InputError`` says why where they cannot run.
     """
     if cpu_kernels:

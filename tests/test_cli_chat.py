@@ -144,3 +144,20 @@ def test_serve_flags_and_main(monkeypatch: pytest.MonkeyPatch, cached: ScriptedP
     assert (ran["host"], ran["port"]) == ("127.0.0.1", 9001)
     assert ran["app"].state.args == ServeArgs(port=9001, api_key="from-env", max_images=3, allow_remote_images=True,
                                              local_images=Path("/tmp"))
+
+
+def test_quantize_flag_loads_an_int8_model(golden_dir: Path, image: Path, pipe: ScriptedPipeline,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsvl2.model.quant import Int8Linear
+
+    loaded = []
+    real_load = cli_serve.load
+    monkeypatch.setattr(cli_serve, "load", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    model = golden_dir / "checkpoints" / "micro-mha"
+    args = parse(cli_serve.add_chat_arguments, ["--model", str(model), "--dtype", "fp32", "--device", "cpu",
+                                                "--quantize", "int8", "--image", str(image),
+                                                "--max-new-tokens", "3", "What is it?"])
+    assert cli_serve.chat_main(args, out=io.StringIO()) == 0
+    assert any(isinstance(m, Int8Linear) for m in loaded[0].model.modules())
+    with pytest.raises(SystemExit):  # an unknown mode is refused by the parser, naming the choices
+        parse(cli_serve.add_chat_arguments, ["--quantize", "int4", "q"])

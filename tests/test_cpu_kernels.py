@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsvl2.generation.generate import GenerateArgs, generate
-from dsvl2.model import cpu_kernels
+from dsvl2.model import cpu_kernels, quant
 from dsvl2.model.moe import Experts
 from toy import toy_batch, toy_model
 
@@ -83,6 +83,70 @@ def test_greedy_generation_is_unchanged(variant, kernels_on, monkeypatch):
 
     fast = tokens()
     assert calls["moe"] > 0 and calls["gemv"] > 0  # batch-1 decode went through both kernels
+    cpu_kernels.enable(False)
+    assert fast == tokens()
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (37, 40), (5, 33), (896, 1280), (3, 1), (9, 700)])
+def test_int8_gemv_equals_the_exact_product(shape):
+    o, i = shape
+    g = torch.Generator().manual_seed(o + i)
+    q, scale = quant.quantize_int8(torch.randn(o, i, generator=g).bfloat16())
+    x = torch.randn(i, generator=g).bfloat16()
+    exact = (q.double() @ x.double()) * scale.double()
+    y = cpu_kernels.gemv_int8(q, scale, x)
+    assert y.dtype == torch.bfloat16 and y.shape == (o,)
+    # x quantized to int16 (error <= max|x| / 65534 per element), exact int32 sums, one bf16 rounding
+    bound = 2 ** -8 * exact.abs() + q.abs().double().sum(-1) * scale.double() * x.double().abs().max() / 65534
+    assert ((y.double() - exact).abs() <= bound + 1e-6).all()
+    if i % 16 == 0:  # torch's int8 kernel (the reference path) agrees to bf16 rounding
+        ref = torch._weight_int8pack_mm(x[None], q, scale)[0]
+        torch.testing.assert_close(y.float(), ref.float(), rtol=2 ** -7, atol=1e-3 * float(ref.abs().max()))
+
+
+def test_int8_gemv_sums_long_rows_without_overflow():
+    n = 16384  # every product at its largest (127 * 32767): one int32 lane would overflow after 516 of them
+    q = torch.full((4, n), 127, dtype=torch.int8)
+    y = cpu_kernels.gemv_int8(q, torch.ones(4).bfloat16(), torch.ones(n).bfloat16())
+    assert torch.equal(y, torch.full((4,), 127.0 * n).bfloat16())
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_int8_fused_experts_equal_the_torch_path(tokens, kernels_on):
+    g = torch.Generator().manual_seed(tokens)
+    qe = quant.Int8Experts(8, 64, 40, torch.bfloat16, "cpu")
+    for name in qe.NAMES:
+        q, s = quant.quantize_int8(torch.randn(getattr(qe, f"{name}_int8").shape, generator=g).bfloat16() * 0.1)
+        getattr(qe, f"{name}_int8").copy_(q)
+        getattr(qe, f"{name}_scale").copy_(s)
+    x = torch.randn(tokens, 64, generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(8, generator=g)[:6] for _ in range(tokens)])
+    weight = torch.rand(tokens, 6, generator=g)
+    with torch.no_grad():
+        fused = cpu_kernels.moe_int8(x, (qe.gate_proj_int8, qe.gate_proj_scale), (qe.up_proj_int8, qe.up_proj_scale),
+                                     (qe.down_proj_int8, qe.down_proj_scale), idx, weight)
+        cpu_kernels.enable(False)
+        plain = qe(x, idx, weight)  # one expert at a time through torch._weight_int8pack_mm
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=2 ** -6, atol=2e-3)
+
+
+def test_int8_greedy_generation_is_unchanged(kernels_on, monkeypatch):
+    calls = {"gemv_int8": 0, "moe_int8": 0}
+    for name in calls:
+        def counted(*args, _f=getattr(cpu_kernels, name), _n=name):
+            calls[_n] += 1
+            return _f(*args)
+        monkeypatch.setattr(cpu_kernels, name, counted)
+    model = quant.quantize_model_(toy_model("mla", seed=3, dtype=torch.bfloat16))
+    ids, mask, tiles, seq_mask, crop = toy_batch(model, seed=4, lengths=(20,))
+    tiles = tiles.bfloat16()
+
+    def tokens():
+        return [s.tokens.tolist() for s in generate(model, ids, mask, tiles, seq_mask, crop,
+                                                    GenerateArgs(max_new_tokens=8), 1)]
+
+    fast = tokens()
+    assert calls["moe_int8"] > 0 and calls["gemv_int8"] > 0
     cpu_kernels.enable(False)
     assert fast == tokens()
 

@@ -1,18 +1,21 @@
-"""Opt-in CPU decode kernels (AVX512-BF16): bf16 GEMV and a fused routed-experts step.
+"""Opt-in CPU decode kernels (AVX512-BF16 / VNNI): GEMV and a fused routed-experts step, bf16 and int8.
 
 Batch-1 decode on CPU is bound by reading the weights; torch's bf16 GEMV streams them at 45-75 % of
-the machine's read bandwidth, and the routed experts cost a dozen small ops per layer. The C kernels
-in ``csrc/cpu_kernels.c`` stream the weights with VDPBF16PS over torch's OpenMP threads and run the
-six chosen experts of a token (gate, up, SiLU, down, weighted sum) in one call.
+the machine's read bandwidth, its int8 kernel (``_weight_int8pack_mm``) is compute-bound at 8-11 GB/s,
+and the routed experts cost a dozen small ops per layer. The C kernels in ``csrc/cpu_kernels.c``
+stream the weights over torch's OpenMP threads (bf16 with VDPBF16PS; int8 weights against int16
+activations with VPDPWSSD) and run the six chosen experts of a token (gate, up, SiLU, down, weighted
+sum) in one call. The int8 kernels serve the weight-only int8 model of :mod:`dsvl2.model.quant`.
 
-They round where the reference rounds but accumulate the dot products in another order, so results
-are bf16-close rather than bit-identical to the reference path (like ``--fused-attention``). Hence
-opt-in: ``dsvl2.load(..., cpu_kernels=True)``, ``dsvl2 chat --cpu-kernels``, or ``enable()``.
+They round where the reference rounds but accumulate the dot products in another order (and int8
+quantizes the activations to int16, ~256x finer than their bf16 rounding), so results are bf16-close
+rather than bit-identical to the reference path (like ``--fused-attention``). Hence opt-in:
+``dsvl2.load(..., cpu_kernels=True)``, ``dsvl2 chat --cpu-kernels``, or ``enable()``.
 
 The library is compiled on first use with the system C compiler (``$CC``, default ``gcc``; a few
 seconds) into ``$DSVL2_CACHE_DIR`` (default ``~/.cache/dsvl2``), keyed by the source's hash. Used only
-for bf16 tensors on CPU, without autograd, on CPUs with AVX512-BF16; everything else keeps the
-torch path.
+for bf16 activations on CPU (bf16 or int8 weights), without autograd, on CPUs with AVX512-BF16 and
+AVX512-VNNI; everything else keeps the torch path.
 """
 
 from __future__ import annotations
@@ -67,6 +70,10 @@ def _build() -> ctypes.CDLL:
     lib.dsvl2_gemv_bf16.restype = None
     lib.dsvl2_moe_bf16.argtypes = [p, i64, i64, p, p, p, i64, p, p, i64, p, p, p]
     lib.dsvl2_moe_bf16.restype = None
+    lib.dsvl2_gemv_int8.argtypes = [p, i64, i64, i64, p, p, p]
+    lib.dsvl2_gemv_int8.restype = None
+    lib.dsvl2_moe_int8.argtypes = [p, i64, i64, p, p, p, p, p, p, i64, p, p, i64, p, p, p]
+    lib.dsvl2_moe_int8.restype = None
     return lib
 
 
@@ -75,7 +82,7 @@ def _lib() -> ctypes.CDLL | None:
         try:
             lib = _build()
             if not lib.dsvl2_cpu_supported():
-                raise OSError("this CPU lacks AVX512-BF16 (avx512_bf16 in /proc/cpuinfo)")
+                raise OSError("this CPU lacks AVX512-BF16 or AVX512-VNNI (avx512_bf16, avx512_vnni in /proc/cpuinfo)")
             _state["lib"] = lib
         except OSError as e:
             _state["error"] = str(e)
@@ -104,6 +111,11 @@ def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))))
 
 
+def usable_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether bf16 activations ``x`` with int8 weights ``q`` and bf16 ``scale`` take the int8 kernels."""
+    return usable(x, scale) and q.dtype == torch.int8 and q.device.type == "cpu"
+
+
 def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """weight (O, I) bf16 with unit column stride, x (I,) bf16 -> (O,) bf16."""
     lib = _lib()
@@ -130,4 +142,36 @@ def moe(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tenso
     out = torch.empty(t, d, dtype=torch.bfloat16)
     lib.dsvl2_moe_bf16(x.data_ptr(), t, d, gate.data_ptr(), up.data_ptr(), down.data_ptr(), i,  # type: ignore[union-attr]
                        idx.data_ptr(), weight.data_ptr(), k, h.data_ptr(), y.data_ptr(), out.data_ptr())
+    return out
+
+
+def gemv_int8(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """q (O, I) int8 with unit column stride, scale (O,) bf16, x (I,) bf16 -> (O,) bf16 = (q @ x) * scale."""
+    lib = _lib()
+    o, i = q.shape
+    assert q.stride(1) == 1 and x.numel() == i and scale.numel() == o, (q.shape, q.stride(), x.shape, scale.shape)
+    xf = x.reshape(-1).float()
+    scale = scale.contiguous()
+    y = torch.empty(o, dtype=torch.bfloat16)
+    lib.dsvl2_gemv_int8(q.data_ptr(), o, i, q.stride(0), scale.data_ptr(), xf.data_ptr(), y.data_ptr())  # type: ignore[union-attr]
+    return y
+
+
+def moe_int8(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tensor, torch.Tensor],
+             down: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`moe` with int8 experts: each projection a pair (q (E, O, I) int8, scale (E, O) bf16)."""
+    lib = _lib()
+    t, d = x.shape
+    i = gate[0].shape[1]
+    k = idx.shape[1]
+    (gq, gs), (uq, us), (dq, ds) = ((a.contiguous(), b.contiguous()) for a, b in (gate, up, down))
+    xf = x.float().contiguous()
+    idx = idx.to(torch.int64).contiguous()
+    weight = weight.to(torch.float32).contiguous()
+    h = torch.empty(t * k * i, dtype=torch.float32)
+    y = torch.empty(t * k * d, dtype=torch.float32)
+    out = torch.empty(t, d, dtype=torch.bfloat16)
+    lib.dsvl2_moe_int8(xf.data_ptr(), t, d, gq.data_ptr(), gs.data_ptr(), uq.data_ptr(), us.data_ptr(),  # type: ignore[union-attr]
+                       dq.data_ptr(), ds.data_ptr(), i, idx.data_ptr(), weight.data_ptr(), k, h.data_ptr(),
+                       y.data_ptr(), out.data_ptr())
     return out

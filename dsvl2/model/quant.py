@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from . import cpu_kernels
 from .layers import linear  # noqa: F401  (re-exported: the single-row fast path lives in layers)
 from .moe import Experts, dispatch
 
@@ -65,6 +66,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     """x (..., I), q (O, I) int8, scale (O,) in x's dtype -> (..., O) in x's dtype."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
+    if rows == 1 and q.stride(-1) == 1 and cpu_kernels.usable_int8(x, q, scale):  # opt-in AVX512 int8 GEMV
+        return cpu_kernels.gemv_int8(q, scale, x.reshape(-1)).view(*x.shape[:-1], q.shape[0])
     if x.device.type == "cpu" and k % 16 == 0 and 0 < rows <= KERNEL_MAX_ROWS:
         y = torch._weight_int8pack_mm(x.reshape(rows, k).contiguous(), q, scale)  # (rows, O)
         return y.view(*x.shape[:-1], q.shape[0])
@@ -129,6 +132,11 @@ class Int8Experts(nn.Module):
     down_proj = property(lambda self: self._weight("down_proj"))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= cpu_kernels.MOE_MAX_TOKENS and cpu_kernels.usable_int8(x, self.gate_proj_int8,
+                                                                                 self.gate_proj_scale):
+            return cpu_kernels.moe_int8(x, (self.gate_proj_int8, self.gate_proj_scale),  # opt-in fused kernel
+                                        (self.up_proj_int8, self.up_proj_scale),
+                                        (self.down_proj_int8, self.down_proj_scale), idx, weight)
         return dispatch(x, idx, weight, self.gate_proj_int8.shape[0], self._per_expert)
 
     def _per_expert(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -17,17 +17,21 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-#define KERNEL __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#define KERNEL __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16")))
 #ifndef PREFETCH
 #define PREFETCH 512 /* bf16 values ahead of the loads, per row stream */
+#endif
+#ifndef PREFETCH_I8
+#define PREFETCH_I8 2048 /* int8 values ahead (best of 256-2048 on the development machine) */
 #endif
 
 int dsvl2_cpu_supported(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512bf16");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16");
 }
 
 static inline float bf16_to_f32(uint16_t b) {
@@ -138,4 +142,144 @@ KERNEL void dsvl2_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const uint16
             out[td] = f32_to_bf16(acc);
         }
     }
+}
+
+/* ---- int8 weight-only (dsvl2/model/quant.py): q (rows, n) int8 with one bf16 scale per row ------------
+ * Widening every int8 weight to fp32 costs two shuffles per 16 weights and left the GEMV compute-bound
+ * (~10 GB/s of int8 on two cores). Instead the activations are quantized to int16 (one scale per
+ * vector, |error| <= max|x| / 65534, ~256x finer than bf16's rounding of x itself) and VPDPWSSD sums
+ * pairs of int16 products into 16 int32 lanes, flushed to fp32 every 2048 weights so no lane can
+ * overflow (128 products per lane: 128 * 127 * 32767 < 2^31). Each row's result (sum * x scale * row scale) is rounded to bf16 once, as
+ * torch._weight_int8pack_mm's; the two agree to bf16 rounding (tests/test_cpu_kernels.py). */
+
+/* xq = round(x / s) with s = max|x| / 32767 (s = 1 for an all-zero x); returns s. */
+static float quantize_i16(const float *x, int64_t n, int16_t *xq) {
+    float m = 0.0f;
+    for (int64_t i = 0; i < n; i++) m = fmaxf(m, fabsf(x[i]));
+    float s = m > 0.0f ? m / 32767.0f : 1.0f, inv = 1.0f / s;
+    for (int64_t i = 0; i < n; i++) {
+        long v = lrintf(x[i] * inv);
+        xq[i] = (int16_t)(v > 32767 ? 32767 : (v < -32767 ? -32767 : v));
+    }
+    return s;
+}
+
+/* Dot products of four int8 rows with int16 x (n values), as fp32 (unscaled). */
+KERNEL static inline void dot4_i8(const int8_t *w0, const int8_t *w1, const int8_t *w2, const int8_t *w3,
+                                  const int16_t *x, int64_t n, float out[4]) {
+    __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps(), f2 = _mm512_setzero_ps(), f3 = _mm512_setzero_ps();
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+#define WIDEN(p) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p)))
+#define FLUSH()                                                                             \
+    do {                                                                                    \
+        f0 = _mm512_add_ps(f0, _mm512_cvtepi32_ps(a0)); a0 = _mm512_setzero_si512();        \
+        f1 = _mm512_add_ps(f1, _mm512_cvtepi32_ps(a1)); a1 = _mm512_setzero_si512();        \
+        f2 = _mm512_add_ps(f2, _mm512_cvtepi32_ps(a2)); a2 = _mm512_setzero_si512();        \
+        f3 = _mm512_add_ps(f3, _mm512_cvtepi32_ps(a3)); a3 = _mm512_setzero_si512();        \
+    } while (0)
+    for (; i + 32 <= n; i += 32) {
+        if ((i & 63) == 0) {
+            _mm_prefetch((const char *)(w0 + i + PREFETCH_I8), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w1 + i + PREFETCH_I8), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w2 + i + PREFETCH_I8), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w3 + i + PREFETCH_I8), _MM_HINT_T0);
+        }
+        __m512i xv = _mm512_loadu_si512(x + i);
+        a0 = _mm512_dpwssd_epi32(a0, WIDEN(w0 + i), xv);
+        a1 = _mm512_dpwssd_epi32(a1, WIDEN(w1 + i), xv);
+        a2 = _mm512_dpwssd_epi32(a2, WIDEN(w2 + i), xv);
+        a3 = _mm512_dpwssd_epi32(a3, WIDEN(w3 + i), xv);
+        if ((i & 2047) == 2016) FLUSH(); /* every 2048 weights */
+    }
+#undef WIDEN
+    if (i < n) {
+        __mmask32 m = (__mmask32)((1ull << (n - i)) - 1);
+        __m512i xv = _mm512_maskz_loadu_epi16(m, x + i);
+#define WIDEN_M(p) _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, (p)))
+        a0 = _mm512_dpwssd_epi32(a0, WIDEN_M(w0 + i), xv);
+        a1 = _mm512_dpwssd_epi32(a1, WIDEN_M(w1 + i), xv);
+        a2 = _mm512_dpwssd_epi32(a2, WIDEN_M(w2 + i), xv);
+        a3 = _mm512_dpwssd_epi32(a3, WIDEN_M(w3 + i), xv);
+#undef WIDEN_M
+    }
+    FLUSH();
+#undef FLUSH
+    out[0] = _mm512_reduce_add_ps(f0);
+    out[1] = _mm512_reduce_add_ps(f1);
+    out[2] = _mm512_reduce_add_ps(f2);
+    out[3] = _mm512_reduce_add_ps(f3);
+}
+
+/* rows [r, r+4) of y = diag(scale) Q x * sx in fp32 (scale bf16, one per row); partial groups as rows_f32. */
+KERNEL static inline void rows_i8(const int8_t *Q, int64_t ldq, const uint16_t *scale, const int16_t *x, float sx,
+                                  int64_t n, int64_t r, int64_t rows, float *y) {
+    int64_t last = rows - 1;
+    const int8_t *w0 = Q + r * ldq;
+    const int8_t *w1 = Q + (r + 1 <= last ? r + 1 : last) * ldq;
+    const int8_t *w2 = Q + (r + 2 <= last ? r + 2 : last) * ldq;
+    const int8_t *w3 = Q + (r + 3 <= last ? r + 3 : last) * ldq;
+    float d[4];
+    dot4_i8(w0, w1, w2, w3, x, n, d);
+    for (int j = 0; j < 4 && r + j < rows; j++) y[j] = d[j] * sx * bf16_to_f32(scale[r + j]);
+}
+
+/* y (O,) bf16 = (Q (O, I) int8 @ x) * scale (O,) bf16, with x (I,) fp32 (the bf16 activations widened). */
+KERNEL void dsvl2_gemv_int8(const int8_t *Q, int64_t O, int64_t I, int64_t ldq, const uint16_t *scale,
+                            const float *x, uint16_t *y) {
+    int16_t *xq = malloc((size_t)I * sizeof(int16_t));
+    float sx = quantize_i16(x, I, xq);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < O; r += 4) {
+        float d[4] = {0};
+        rows_i8(Q, ldq, scale, xq, sx, I, r, O, d);
+        for (int j = 0; j < 4 && r + j < O; j++) y[r + j] = f32_to_bf16(d[j]);
+    }
+    free(xq);
+}
+
+/* dsvl2_moe_bf16 with int8 experts: gate/up (E, I, D) int8 with scales (E, I), down (E, D, I) int8 with
+ * scales (E, D), all bf16 scales; x (T, D) fp32. Scratch h (T*K*I) fp32, y (T*K*D) fp32. Rounding as
+ * quant.Int8Experts: each projection rounded to bf16, SiLU and the product rounded to bf16. */
+KERNEL void dsvl2_moe_int8(const float *x, int64_t T, int64_t D, const int8_t *gate, const uint16_t *gate_s,
+                           const int8_t *up, const uint16_t *up_s, const int8_t *down, const uint16_t *down_s,
+                           int64_t I, const int64_t *idx, const float *w, int64_t K, float *h, float *y,
+                           uint16_t *out) {
+    int64_t slots = T * K, igroups = (I + 3) / 4, dgroups = (D + 3) / 4;
+    int16_t *xq = malloc((size_t)(T * D + slots * I) * sizeof(int16_t)), *hq = xq + T * D;
+    float *sx = malloc((size_t)(T + slots) * sizeof(float)), *sh = sx + T;
+    for (int64_t t = 0; t < T; t++) sx[t] = quantize_i16(x + t * D, D, xq + t * D);
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t job = 0; job < slots * igroups; job++) {
+            int64_t s = job / igroups, r = (job % igroups) * 4, t = s / K, e = idx[s];
+            float g[4] = {0}, u[4] = {0};
+            rows_i8(gate + e * I * D, D, gate_s + e * I, xq + t * D, sx[t], D, r, I, g);
+            rows_i8(up + e * I * D, D, up_s + e * I, xq + t * D, sx[t], D, r, I, u);
+            for (int j = 0; j < 4 && r + j < I; j++) {
+                float gb = round_bf16(g[j]);
+                float act = round_bf16(gb / (1.0f + expf(-gb)));
+                h[s * I + r + j] = round_bf16(act * round_bf16(u[j]));
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t s = 0; s < slots; s++) sh[s] = quantize_i16(h + s * I, I, hq + s * I);
+#pragma omp for schedule(static)
+        for (int64_t job = 0; job < slots * dgroups; job++) {
+            int64_t s = job / dgroups, r = (job % dgroups) * 4, e = idx[s];
+            float d[4] = {0};
+            rows_i8(down + e * D * I, I, down_s + e * D, hq + s * I, sh[s], I, r, D, d);
+            for (int j = 0; j < 4 && r + j < D; j++) y[s * D + r + j] = round_bf16(d[j]);
+        }
+#pragma omp for schedule(static)
+        for (int64_t td = 0; td < T * D; td++) {
+            int64_t t = td / D, c = td % D;
+            float acc = y[(t * K) * D + c] * w[t * K];
+            for (int64_t k = 1; k < K; k++) acc += y[(t * K + k) * D + c] * w[t * K + k];
+            out[td] = f32_to_bf16(acc);
+        }
+    }
+    free(xq);
+    free(sx);
 }
