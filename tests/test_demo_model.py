@@ -3,6 +3,7 @@
 import json
 from random import Random
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,3 +71,32 @@ def test_default_model_answers_demo_images_in_the_task_format():
     assert len(parse_grounding(grounding).boxes) == 1, grounding
     assert reading in words, reading
     assert charts in [str(v) for v in range(1, 10)], charts
+
+
+def test_zoom_crops_around_the_word_at_every_scale():
+    from dsvl2.demo.build import zoom
+
+    words = load_words()
+    sides = []
+    for i in range(40):
+        rng = Random(i)
+        sample = make_sample("reading", rng, words)
+        zoomed = zoom(sample, rng)
+        x1, y1, x2, y2 = sample.meta["text_box"]
+        # the crop keeps every ink pixel of the word: the same dark pixel count as the whole image
+        dark = lambda im: int((np.asarray(im.convert("L")) < 128).sum())  # noqa: E731
+        assert dark(zoomed.image) == dark(sample.image) > 0
+        assert zoomed.answer == sample.answer and zoomed.prompt == sample.prompt
+        assert zoomed.image.width >= min(x2 - x1, sample.image.width) and zoomed.image.width <= sample.image.width
+        sides.append(zoomed.image.width / sample.image.width)
+    assert min(sides) < 0.5 and max(sides) > 0.9  # from a tight crop up to nearly the whole image
+
+
+def test_synthetic_sources_name_the_known_ones(tmp_path):
+    from dsvl2.demo.build import SyntheticSource
+
+    with pytest.raises(ValueError, match="qa_grounding_zoom.*qa_reading_zoom"):
+        SyntheticSource("qa_grounding_zoom", processor=None, mask_prompt=True)
+    src = SyntheticSource("qa_reading_zoom", processor=None, mask_prompt=True)
+    conv = src.conversation(3)
+    assert conv[1]["content"] in load_words() and conv[0]["images"][0].width <= 512

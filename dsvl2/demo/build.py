@@ -20,6 +20,7 @@ interrupted build resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -146,16 +147,39 @@ def pure_text(rng: Random, words: Sequence[str]) -> str:
     return ", ".join(f"{chr(65 + i)} {rng.randint(1, 9)}" for i in range(rng.randint(3, 5)))
 
 
+def zoom(sample: Any, rng: Random) -> Any:
+    """The reading sample cropped to a window around its word: a curriculum of scales.
+
+    The window is the word's box plus 2-6 px, widened toward the whole image by a uniform fraction, so
+    the word fills anything from the whole view down to its real share of the image. The vision side
+    learns a word large before it must find it small (docs/training.md, "Is it the language model or
+    the vision side?"); the answer is unchanged.
+    """
+    if sample.task != "reading":
+        raise ValueError(f"zoom needs a reading sample, not {sample.task!r}")
+    x1, y1, x2, y2 = sample.meta["text_box"]
+    w, h = sample.image.size
+    tight = [max(0, x1 - rng.randint(2, 6)), max(0, y1 - rng.randint(2, 6)),
+             min(w, x2 + rng.randint(2, 6)), min(h, y2 + rng.randint(2, 6))]
+    t = rng.random()
+    box = (round(tight[0] * (1 - t)), round(tight[1] * (1 - t)),
+           round(tight[2] + (w - tight[2]) * t), round(tight[3] + (h - tight[3]) * t))
+    return dataclasses.replace(sample, image=sample.image.crop(box))
+
+
 class SyntheticSource(SampleSource):
-    """Item ``i`` of ``caption_<task>``, ``qa_<task>`` or ``text``, generated from ``(name, seed, i)``."""
+    """Item ``i`` of ``caption_<task>``, ``qa_<task>``, ``qa_reading_zoom``, ``caption_reading_zoom`` or
+    ``text``, generated from ``(name, seed, i)``. ``_zoom`` crops reading images around the word (:func:`zoom`)."""
 
     shuffle = False
 
     def __init__(self, name: str, processor: Processor, mask_prompt: bool, seed: int = 0) -> None:
-        kind, _, task = name.partition("_")
-        if (kind not in ("caption", "qa") or task not in TASKS) and name != "text":
-            raise ValueError(f"unknown synthetic source {name!r}")
-        self.name, self.kind, self.task = name, kind, task
+        base, zoomed = (name[:-len("_zoom")], True) if name.endswith("_zoom") else (name, False)
+        kind, _, task = base.partition("_")
+        if ((kind not in ("caption", "qa") or task not in TASKS) and name != "text") or (zoomed and task != "reading"):
+            raise ValueError(f"unknown synthetic source {name!r} (known: caption_<task>, qa_<task> for tasks "
+                             f"{', '.join(TASKS)}; qa_reading_zoom, caption_reading_zoom; text)")
+        self.name, self.kind, self.task, self.zoomed = name, kind, task, zoomed
         self.processor, self.mask_prompt, self.seed = processor, mask_prompt, seed
         self.words = load_words()
 
@@ -168,6 +192,8 @@ class SyntheticSource(SampleSource):
             return [{"role": "user", "content": "Write an example."},
                     {"role": "assistant", "content": pure_text(rng, self.words)}]
         sample = make_sample(self.task, rng, self.words)
+        if self.zoomed:
+            sample = zoom(sample, rng)
         if self.kind == "caption":
             return [{"role": "user", "content": DESCRIBE, "images": [sample.image]},
                     {"role": "assistant", "content": caption(sample)}]
@@ -240,8 +266,6 @@ def init_weights(model: torch.nn.Module, std: float, seed: int) -> None:
 
 def smoke_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     """The same recipe shrunk to a few steps of a narrower model (CI)."""
-    import dataclasses
-
     model = dict(recipe["model"], vision_width=32, vision_layers=1, vision_heads=2, hidden=64, layers=2,
                  intermediate=128, moe_intermediate=32, kv_lora_rank=16, qk_nope_head_dim=16,
                  qk_rope_head_dim=8, v_head_dim=16, tile=112, patch=28, vocab=512)
