@@ -147,31 +147,28 @@ def moe(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tenso
 
 def gemv_int8(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """q (O, I) int8 with unit column stride, scale (O,) bf16, x (I,) bf16 -> (O,) bf16 = (q @ x) * scale."""
-    lib = _lib()
     o, i = q.shape
     assert q.stride(1) == 1 and x.numel() == i and scale.numel() == o, (q.shape, q.stride(), x.shape, scale.shape)
-    xf = x.reshape(-1).float()
-    scale = scale.contiguous()
     y = torch.empty(o, dtype=torch.bfloat16)
-    lib.dsvl2_gemv_int8(q.data_ptr(), o, i, q.stride(0), scale.data_ptr(), xf.data_ptr(), y.data_ptr())  # type: ignore[union-attr]
+    _lib().dsvl2_gemv_int8(q.data_ptr(), o, i, q.stride(0), scale.contiguous().data_ptr(),  # type: ignore[union-attr]
+                           x.contiguous().data_ptr(), y.data_ptr())
     return y
 
 
 def moe_int8(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tensor, torch.Tensor],
              down: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """:func:`moe` with int8 experts: each projection a pair (q (E, O, I) int8, scale (E, O) bf16)."""
-    lib = _lib()
     t, d = x.shape
     i = gate[0].shape[1]
     k = idx.shape[1]
     (gq, gs), (uq, us), (dq, ds) = ((a.contiguous(), b.contiguous()) for a, b in (gate, up, down))
-    xf = x.float().contiguous()
+    x = x.contiguous()
     idx = idx.to(torch.int64).contiguous()
     weight = weight.to(torch.float32).contiguous()
     h = torch.empty(t * k * i, dtype=torch.float32)
     y = torch.empty(t * k * d, dtype=torch.float32)
     out = torch.empty(t, d, dtype=torch.bfloat16)
-    lib.dsvl2_moe_int8(xf.data_ptr(), t, d, gq.data_ptr(), gs.data_ptr(), uq.data_ptr(), us.data_ptr(),  # type: ignore[union-attr]
-                       dq.data_ptr(), ds.data_ptr(), i, idx.data_ptr(), weight.data_ptr(), k, h.data_ptr(),
-                       y.data_ptr(), out.data_ptr())
+    _lib().dsvl2_moe_int8(x.data_ptr(), t, d, gq.data_ptr(), gs.data_ptr(), uq.data_ptr(),  # type: ignore[union-attr]
+                          us.data_ptr(), dq.data_ptr(), ds.data_ptr(), i, idx.data_ptr(), weight.data_ptr(), k,
+                          h.data_ptr(), y.data_ptr(), out.data_ptr())
     return out

@@ -152,13 +152,13 @@ KERNEL void dsvl2_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const uint16
  * overflow (128 products per lane: 128 * 127 * 32767 < 2^31). Each row's result (sum * x scale * row scale) is rounded to bf16 once, as
  * torch._weight_int8pack_mm's; the two agree to bf16 rounding (tests/test_cpu_kernels.py). */
 
-/* xq = round(x / s) with s = max|x| / 32767 (s = 1 for an all-zero x); returns s. */
-static float quantize_i16(const float *x, int64_t n, int16_t *xq) {
+/* xq = round(x / s) with s = max|x| / 32767 (s = 1 for an all-zero x); returns s. x fp32, or bf16 (xb). */
+static float quantize_i16(const float *x, const uint16_t *xb, int64_t n, int16_t *xq) {
     float m = 0.0f;
-    for (int64_t i = 0; i < n; i++) m = fmaxf(m, fabsf(x[i]));
+    for (int64_t i = 0; i < n; i++) m = fmaxf(m, fabsf(x ? x[i] : bf16_to_f32(xb[i])));
     float s = m > 0.0f ? m / 32767.0f : 1.0f, inv = 1.0f / s;
     for (int64_t i = 0; i < n; i++) {
-        long v = lrintf(x[i] * inv);
+        long v = lrintf((x ? x[i] : bf16_to_f32(xb[i])) * inv);
         xq[i] = (int16_t)(v > 32767 ? 32767 : (v < -32767 ? -32767 : v));
     }
     return s;
@@ -224,11 +224,11 @@ KERNEL static inline void rows_i8(const int8_t *Q, int64_t ldq, const uint16_t *
     for (int j = 0; j < 4 && r + j < rows; j++) y[j] = d[j] * sx * bf16_to_f32(scale[r + j]);
 }
 
-/* y (O,) bf16 = (Q (O, I) int8 @ x) * scale (O,) bf16, with x (I,) fp32 (the bf16 activations widened). */
+/* y (O,) bf16 = (Q (O, I) int8 @ x) * scale (O,) bf16, with x (I,) bf16. */
 KERNEL void dsvl2_gemv_int8(const int8_t *Q, int64_t O, int64_t I, int64_t ldq, const uint16_t *scale,
-                            const float *x, uint16_t *y) {
+                            const uint16_t *x, uint16_t *y) {
     int16_t *xq = malloc((size_t)I * sizeof(int16_t));
-    float sx = quantize_i16(x, I, xq);
+    float sx = quantize_i16(NULL, x, I, xq);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < O; r += 4) {
         float d[4] = {0};
@@ -239,16 +239,16 @@ KERNEL void dsvl2_gemv_int8(const int8_t *Q, int64_t O, int64_t I, int64_t ldq, 
 }
 
 /* dsvl2_moe_bf16 with int8 experts: gate/up (E, I, D) int8 with scales (E, I), down (E, D, I) int8 with
- * scales (E, D), all bf16 scales; x (T, D) fp32. Scratch h (T*K*I) fp32, y (T*K*D) fp32. Rounding as
+ * scales (E, D), all bf16 scales; x (T, D) bf16. Scratch h (T*K*I) fp32, y (T*K*D) fp32. Rounding as
  * quant.Int8Experts: each projection rounded to bf16, SiLU and the product rounded to bf16. */
-KERNEL void dsvl2_moe_int8(const float *x, int64_t T, int64_t D, const int8_t *gate, const uint16_t *gate_s,
+KERNEL void dsvl2_moe_int8(const uint16_t *x, int64_t T, int64_t D, const int8_t *gate, const uint16_t *gate_s,
                            const int8_t *up, const uint16_t *up_s, const int8_t *down, const uint16_t *down_s,
                            int64_t I, const int64_t *idx, const float *w, int64_t K, float *h, float *y,
                            uint16_t *out) {
     int64_t slots = T * K, igroups = (I + 3) / 4, dgroups = (D + 3) / 4;
     int16_t *xq = malloc((size_t)(T * D + slots * I) * sizeof(int16_t)), *hq = xq + T * D;
     float *sx = malloc((size_t)(T + slots) * sizeof(float)), *sh = sx + T;
-    for (int64_t t = 0; t < T; t++) sx[t] = quantize_i16(x + t * D, D, xq + t * D);
+    for (int64_t t = 0; t < T; t++) sx[t] = quantize_i16(NULL, x + t * D, D, xq + t * D);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
@@ -264,7 +264,7 @@ KERNEL void dsvl2_moe_int8(const float *x, int64_t T, int64_t D, const int8_t *g
             }
         }
 #pragma omp for schedule(static)
-        for (int64_t s = 0; s < slots; s++) sh[s] = quantize_i16(h + s * I, I, hq + s * I);
+        for (int64_t s = 0; s < slots; s++) sh[s] = quantize_i16(h + s * I, NULL, I, hq + s * I);
 #pragma omp for schedule(static)
         for (int64_t job = 0; job < slots * dgroups; job++) {
             int64_t s = job / dgroups, r = (job % dgroups) * 4, e = idx[s];
