@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from dsvl2.generation.generate import GenerateArgs, generate
 from dsvl2.model import cpu_kernels, quant
@@ -67,7 +68,7 @@ def test_not_used_with_autograd(kernels_on):
 
 @pytest.mark.parametrize("variant", ["mla", "mha"])
 def test_greedy_generation_is_unchanged(variant, kernels_on, monkeypatch):
-    calls = {"gemv": 0, "moe": 0}
+    calls = {"gemv": 0, "moe": 0} | ({"mha_decode": 0} if variant == "mha" else {})
     for name in calls:
         def counted(*args, _f=getattr(cpu_kernels, name), _n=name):
             calls[_n] += 1
@@ -82,7 +83,7 @@ def test_greedy_generation_is_unchanged(variant, kernels_on, monkeypatch):
                                                     GenerateArgs(max_new_tokens=8), 1)]
 
     fast = tokens()
-    assert calls["moe"] > 0 and calls["gemv"] > 0  # batch-1 decode went through both kernels
+    assert all(calls.values()), calls  # batch-1 decode went through every kernel
     cpu_kernels.enable(False)
     assert fast == tokens()
 
@@ -149,6 +150,75 @@ def test_int8_greedy_generation_is_unchanged(kernels_on, monkeypatch):
     assert calls["moe_int8"] > 0 and calls["gemv_int8"] > 0
     cpu_kernels.enable(False)
     assert fast == tokens()
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_mha_decode_step_equals_the_sdpa_path(int8, kernels_on):
+    from dsvl2.model.cache import make_cache
+
+    model = toy_model("mha", seed=5, dtype=torch.bfloat16)
+    if int8:
+        quant.quantize_model_(model)
+    lm = model.language.model
+    attn, cfg = lm.layers[1].self_attn, model.cfg.language_config
+    g = torch.Generator().manual_seed(9)
+    caches = [make_cache(cfg, 1, 64, torch.bfloat16, "cpu") for _ in range(2)]
+    for c in caches:  # 37 cached positions of random keys and values
+        torch.manual_seed(1)
+        c.k.copy_(torch.randn(c.k.shape)), c.v.copy_(torch.randn(c.v.shape))
+        c.length = 37
+    x = torch.randn(1, 1, cfg.hidden_size, generator=g).bfloat16()
+    cos, sin = lm.rotary(torch.tensor([[37]]), torch.bfloat16)
+    calls = []
+    with torch.no_grad():
+        fast = attn._kernel_step(x, cos, sin, None, caches[0])
+        calls.append(fast is not None)
+        cpu_kernels.enable(False)
+        ref = attn.forward_expanded(x, cos, sin, None, caches[1])
+    assert calls == [True] and fast.shape == ref.shape == (1, 1, cfg.hidden_size)
+    torch.testing.assert_close(fast.float(), ref.float(), rtol=2 ** -6, atol=2e-3 * float(ref.abs().max()))
+    for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):  # the new key and value, written at 37
+        torch.testing.assert_close(a[1, :, :, 37].float(), b[1, :, :, 37].float(), rtol=2 ** -6, atol=1e-2)
+        assert torch.equal(a[1, :, :, :37], b[1, :, :, :37]) and torch.equal(a[1, :, :, 38:], b[1, :, :, 38:])
+
+
+def test_mha_decode_step_refuses_a_full_cache(kernels_on):
+    from dsvl2.errors import InputError
+    from dsvl2.model.cache import make_cache
+
+    model = toy_model("mha", seed=5, dtype=torch.bfloat16)
+    lm, cfg = model.language.model, model.cfg.language_config
+    cache = make_cache(cfg, 1, 8, torch.bfloat16, "cpu")
+    cache.length = 8
+    cos, sin = lm.rotary(torch.tensor([[8]]), torch.bfloat16)
+    with torch.no_grad(), pytest.raises(InputError, match="cache full"):
+        lm.layers[0].self_attn(torch.zeros(1, 1, cfg.hidden_size).bfloat16(), cos, sin, None, cache)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_mlp_row_through_the_expert_kernel_equals_torch(int8, kernels_on):
+    from dsvl2.model.layers import MLP
+
+    torch.manual_seed(2)
+    block = nn.Module()
+    block.mlp = MLP(96, 224).bfloat16()
+    if int8:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            lin = getattr(block.mlp, name)
+            q, s = quant.quantize_int8(lin.weight.detach())
+            new = quant.Int8Linear(lin.out_features, lin.in_features, torch.bfloat16, "cpu")
+            new.weight_int8.copy_(q), new.weight_scale.copy_(s)
+            setattr(block.mlp, name, new)
+    x = torch.randn(1, 1, 96).bfloat16()
+    with torch.no_grad():
+        fast = block.mlp(x)
+        cpu_kernels.enable(False)
+        ref = block.mlp(x)
+    assert fast.shape == ref.shape == (1, 1, 96)
+    torch.testing.assert_close(fast.float(), ref.float(), rtol=2 ** -6, atol=2e-3 * float(ref.abs().max()))
+    with torch.no_grad():  # two rows: the torch path, untouched
+        cpu_kernels.enable(True)
+        assert cpu_kernels.mlp(block.mlp, torch.randn(2, 96).bfloat16()) is None
 
 
 def test_a_missing_compiler_is_named_in_the_error(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LanguageConfig
+from . import cpu_kernels
 from .cache import KVCache, LatentCache
 from .layers import RMSNorm, apply_rope, apply_rope_interleaved
 from .quant import linear
@@ -90,8 +91,23 @@ class MHA(nn.Module):
             k, v = cache.update(self.layer, k, v)  # (B, H, T, D)
         return q, k, v
 
+    def _kernel_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                     cache: KVCache | None) -> torch.Tensor | None:
+        """The whole batch-1 decode step in one C call (opt-in CPU kernels), or None where it does not apply.
+
+        Attention is computed as SDPA computes it (fp32 scores and softmax), so under the kernels both
+        forms agree with ``forward_expanded``: bf16-close, like the rest of the kernels.
+        """
+        if (cache is None or mask is not None or not cpu_kernels.enabled() or cos.dtype != torch.bfloat16
+                or not cpu_kernels.mha_usable(x, self, cache.k[self.layer])):
+            return None
+        cache.check_room(1)
+        return cpu_kernels.mha_decode(self, x, cos, sin, cache.k[self.layer], cache.v[self.layer], cache.length)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None) -> torch.Tensor:
+        if (out := self._kernel_step(x, cos, sin, mask, cache)) is not None:
+            return out
         b, s, _ = x.shape
         q, k, v = self._project(x, cos, sin, cache)
         kt = k.transpose(2, 3)
@@ -114,6 +130,8 @@ class MHA(nn.Module):
         the ``expanded`` flag selects for prefill and decode alike. It does not round the scores and
         probabilities to bf16 as the reference does: bf16-close, not bit-identical.
         """
+        if (out := self._kernel_step(x, cos, sin, mask, cache)) is not None:
+            return out
         b, s, _ = x.shape
         q, k, v = self._project(x, cos, sin, cache)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1 / self.scale_div)  # (B, H, S, D)

@@ -74,6 +74,9 @@ def _build() -> ctypes.CDLL:
     lib.dsvl2_gemv_int8.restype = None
     lib.dsvl2_moe_int8.argtypes = [p, i64, i64, p, p, p, p, p, p, i64, p, p, i64, p, p, p]
     lib.dsvl2_moe_int8.restype = None
+    lib.dsvl2_mha_decode.argtypes = [p, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64,
+                                     ctypes.c_float, p]
+    lib.dsvl2_mha_decode.restype = None
     return lib
 
 
@@ -172,3 +175,67 @@ def moe_int8(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor], up: tuple
                           us.data_ptr(), dq.data_ptr(), ds.data_ptr(), i, idx.data_ptr(), weight.data_ptr(), k,
                           h.data_ptr(), y.data_ptr(), out.data_ptr())
     return out
+
+
+def _weight(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, row scales or None) of a bias-free linear the kernels can read, else None."""
+    q = getattr(layer, "weight_int8", None)
+    if q is not None:
+        scale = layer.weight_scale
+        ok = q.is_contiguous() and scale.dtype == torch.bfloat16 and scale.is_contiguous()
+        return (q, scale) if ok else None
+    w = getattr(layer, "weight", None)
+    if (type(layer) is torch.nn.Linear and layer.bias is None and w.dtype == torch.bfloat16 and w.is_contiguous()
+            and not (torch.is_grad_enabled() and w.requires_grad)):
+        return w, None
+    return None
+
+
+def mha_usable(x: torch.Tensor, attention: torch.nn.Module, cache_k: torch.Tensor) -> bool:
+    """Whether one decode row ``x`` (1, 1, D) of :class:`~dsvl2.model.attention.MHA` can run as one kernel call."""
+    return (usable(x, cache_k) and x.shape[:2] == (1, 1) and cache_k.shape[0] == 1 and cache_k.is_contiguous()
+            and attention.head_dim % 16 == 0 and attention.head_dim <= 256
+            and all(_weight(getattr(attention, n)) is not None for n in ("q_proj", "k_proj", "v_proj", "o_proj")))
+
+
+def mha_decode(attention: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               cache_k: torch.Tensor, cache_v: torch.Tensor, pos: int) -> torch.Tensor:
+    """One batch-1 decode step of plain multi-head attention (projections, RoPE, cache write at ``pos``,
+    attention over positions 0..pos, output projection) in one call; ``cache_k``/``cache_v`` are this
+    layer's (1, H, max_len, hd) buffers. Returns (1, 1, D) bf16. Check :func:`mha_usable` first."""
+    d = x.shape[-1]
+    _, h, max_len, hd = cache_k.shape
+    if pos >= max_len:
+        raise InputError(f"cache full: position {pos} is past its size {max_len}")
+    args = []
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        w, scale = _weight(getattr(attention, name))  # type: ignore[misc]
+        args += [w.data_ptr(), None if scale is None else scale.data_ptr()]
+    x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+    out = torch.empty(1, 1, d, dtype=torch.bfloat16)
+    _lib().dsvl2_mha_decode(x.data_ptr(), d, h, hd, *args, cos.data_ptr(), sin.data_ptr(),  # type: ignore[union-attr]
+                            cache_k.data_ptr(), cache_v.data_ptr(), max_len, pos, float(attention.scale_div),
+                            out.data_ptr())
+    return out
+
+
+_ONE_SLOT = (torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1))  # expert 0 with weight 1: a plain MLP
+
+
+def mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """A SwiGLU MLP (``gate_proj``, ``up_proj``, ``down_proj``) on one row ``x`` (..., D) as one kernel call,
+    or None where the kernels do not apply. It is the fused-experts kernel with one expert of weight 1,
+    whose rounding points are the MLP's (each projection, SiLU and the product rounded to bf16)."""
+    if x.numel() != x.shape[-1] or not usable(x):
+        return None
+    weights = [_weight(getattr(module, n)) for n in ("gate_proj", "up_proj", "down_proj")]
+    if any(w is None for w in weights):
+        return None
+    row = x.reshape(1, -1)
+    if all(s is None for _, s in weights):
+        out = moe(row, *(w[None] for w, _ in weights), *_ONE_SLOT)
+    elif all(s is not None for _, s in weights):
+        out = moe_int8(row, *((w[None], s[None]) for w, s in weights), *_ONE_SLOT)  # type: ignore[index]
+    else:
+        return None
+    return out.view(x.shape)

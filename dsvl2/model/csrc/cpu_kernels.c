@@ -283,3 +283,84 @@ KERNEL void dsvl2_moe_int8(const uint16_t *x, int64_t T, int64_t D, const int8_t
     free(xq);
     free(sx);
 }
+
+/* ---- one decode step of plain multi-head attention (Tiny), batch 1 ------------------------------------
+ * x (D,) bf16 -> out (D,) bf16: q, k, v projections (bf16 weights, or int8 with row scales when
+ * *_s is not NULL), half-split RoPE on q and k rounded as the reference (bf16(bf16(x cos) +
+ * bf16(rotate_half(x) sin))), k and v written at position pos of the layer's cache (H, ld_t, hd),
+ * attention over positions 0..pos as SDPA computes it (fp32 scores scaled by 1/scale_div, fp32
+ * softmax, probabilities rounded to bf16 for the product with v, fp32 sums, one bf16 rounding),
+ * then the output projection. hd a multiple of 16, at most 256. Scratch: 4 * D bf16 + H * (pos + 1) fp32. */
+/* 16 bf16 values widened to fp32 (exact). */
+KERNEL static inline __m512 widen_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+static void project(const void *W, const uint16_t *s, int64_t O, int64_t I, const uint16_t *x, uint16_t *y) {
+    if (s) dsvl2_gemv_int8((const int8_t *)W, O, I, I, s, x, y);
+    else dsvl2_gemv_bf16((const uint16_t *)W, O, I, I, x, y);
+}
+
+static void rope(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t hd) {
+    int64_t half = hd / 2;
+    float rotated[hd];
+    for (int64_t i = 0; i < half; i++) {
+        rotated[i] = -bf16_to_f32(x[i + half]);
+        rotated[i + half] = bf16_to_f32(x[i]);
+    }
+    for (int64_t i = 0; i < hd; i++) {
+        float a = round_bf16(bf16_to_f32(x[i]) * bf16_to_f32(cos[i]));
+        float b = round_bf16(rotated[i] * bf16_to_f32(sin[i]));
+        x[i] = f32_to_bf16(a + b);
+    }
+}
+
+KERNEL void dsvl2_mha_decode(const uint16_t *x, int64_t D, int64_t H, int64_t hd, const void *wq, const uint16_t *sq,
+                             const void *wk, const uint16_t *sk, const void *wv, const uint16_t *sv, const void *wo,
+                             const uint16_t *so, const uint16_t *cos, const uint16_t *sin, uint16_t *kc, uint16_t *vc,
+                             int64_t ld_t, int64_t pos, float scale_div, uint16_t *out) {
+    int64_t T = pos + 1;
+    uint16_t *buf = malloc((size_t)(4 * D) * sizeof(uint16_t)), *q = buf, *k = buf + D, *v = buf + 2 * D, *o = buf + 3 * D;
+    float *scores = malloc((size_t)(H * T) * sizeof(float));
+    project(wq, sq, D, D, x, q);
+    project(wk, sk, D, D, x, k);
+    project(wv, sv, D, D, x, v);
+    for (int64_t h = 0; h < H; h++) {
+        rope(q + h * hd, cos, sin, hd);
+        rope(k + h * hd, cos, sin, hd);
+        memcpy(kc + (h * ld_t + pos) * hd, k + h * hd, (size_t)hd * sizeof(uint16_t));
+        memcpy(vc + (h * ld_t + pos) * hd, v + h * hd, (size_t)hd * sizeof(uint16_t));
+    }
+    float inv = 1.0f / scale_div;
+#pragma omp parallel for schedule(static)
+    for (int64_t h = 0; h < H; h++) { /* hd is a multiple of 16 (checked by the caller) */
+        const uint16_t *qh = q + h * hd, *kh = kc + h * ld_t * hd, *vh = vc + h * ld_t * hd;
+        float *sc = scores + h * T, m = -INFINITY, sum = 0.0f;
+        __m512 acc[16];
+        int64_t nv = hd / 16;
+        for (int64_t j = 0; j < nv; j++) acc[j] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < T; t++) {
+            const uint16_t *kt = kh + t * hd;
+            __m512 d = _mm512_setzero_ps();
+            for (int64_t j = 0; j < nv; j++)
+                d = _mm512_fmadd_ps(widen_bf16(qh + 16 * j), widen_bf16(kt + 16 * j), d);
+            sc[t] = _mm512_reduce_add_ps(d) * inv;
+            m = fmaxf(m, sc[t]);
+        }
+        for (int64_t t = 0; t < T; t++) {
+            float p = expf(sc[t] - m);
+            sum += p;
+            __m512 pb = _mm512_set1_ps(round_bf16(p));
+            const uint16_t *vt = vh + t * hd;
+            for (int64_t j = 0; j < nv; j++) acc[j] = _mm512_fmadd_ps(pb, widen_bf16(vt + 16 * j), acc[j]);
+        }
+        float r[16];
+        for (int64_t j = 0; j < nv; j++) {
+            _mm512_storeu_ps(r, acc[j]);
+            for (int i = 0; i < 16; i++) o[h * hd + 16 * j + i] = f32_to_bf16(r[i] / sum);
+        }
+    }
+    project(wo, so, D, D, o, out);
+    free(buf);
+    free(scores);
+}
