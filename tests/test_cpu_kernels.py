@@ -105,6 +105,16 @@ def test_int8_gemv_equals_the_exact_product(shape):
         torch.testing.assert_close(y.float(), ref.float(), rtol=2 ** -7, atol=1e-3 * float(ref.abs().max()))
 
 
+def test_int8_gemm_rows_equal_single_row_calls():
+    g = torch.Generator().manual_seed(7)
+    q, scale = quant.quantize_int8(torch.randn(45, 300, generator=g).bfloat16())
+    x = torch.randn(5, 300, generator=g).bfloat16() * torch.tensor([1.0, 10.0, 0.01, 0.0, 3.0]).bfloat16()[:, None]
+    rows = cpu_kernels.gemm_int8(q, scale, x)  # each row quantized to int16 with its own scale
+    assert rows.shape == (5, 45) and torch.equal(rows[3], torch.zeros(45).bfloat16())
+    for t in range(5):
+        assert torch.equal(rows[t], cpu_kernels.gemv_int8(q, scale, x[t]))
+
+
 def test_int8_gemv_sums_long_rows_without_overflow():
     n = 16384  # every product at its largest (127 * 32767): one int32 lane would overflow after 516 of them
     q = torch.full((4, n), 127, dtype=torch.int8)
@@ -132,7 +142,7 @@ def test_int8_fused_experts_equal_the_torch_path(tokens, kernels_on):
 
 
 def test_int8_greedy_generation_is_unchanged(kernels_on, monkeypatch):
-    calls = {"gemv_int8": 0, "moe_int8": 0}
+    calls = {"gemm_int8": 0, "moe_int8": 0}
     for name in calls:
         def counted(*args, _f=getattr(cpu_kernels, name), _n=name):
             calls[_n] += 1
@@ -147,7 +157,7 @@ def test_int8_greedy_generation_is_unchanged(kernels_on, monkeypatch):
                                                     GenerateArgs(max_new_tokens=8), 1)]
 
     fast = tokens()
-    assert calls["moe_int8"] > 0 and calls["gemv_int8"] > 0
+    assert calls["moe_int8"] > 0 and calls["gemm_int8"] > 0
     cpu_kernels.enable(False)
     assert fast == tokens()
 

@@ -33,7 +33,7 @@ from ..errors import InputError
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp"]
-MOE_MAX_TOKENS = 1  # one token: with more, tokens sharing an expert would re-read it (grouped GEMMs win at batch 8)
+MOE_MAX_TOKENS = 8  # rows per kernel call (decode batches); an expert or weight row is read once for all of them
 
 _state: dict[str, object] = {"enabled": False, "lib": None, "error": None}
 
@@ -72,6 +72,8 @@ def _build() -> ctypes.CDLL:
     lib.dsvl2_moe_bf16.restype = None
     lib.dsvl2_gemv_int8.argtypes = [p, i64, i64, i64, p, p, p]
     lib.dsvl2_gemv_int8.restype = None
+    lib.dsvl2_gemm_int8.argtypes = [p, i64, i64, i64, p, p, i64, p]
+    lib.dsvl2_gemm_int8.restype = None
     lib.dsvl2_moe_int8.argtypes = [p, i64, i64, p, p, p, p, p, p, i64, p, p, i64, p, p, p]
     lib.dsvl2_moe_int8.restype = None
     lib.dsvl2_mha_decode.argtypes = [p, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64,
@@ -155,6 +157,17 @@ def gemv_int8(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Te
     y = torch.empty(o, dtype=torch.bfloat16)
     _lib().dsvl2_gemv_int8(q.data_ptr(), o, i, q.stride(0), scale.contiguous().data_ptr(),  # type: ignore[union-attr]
                            x.contiguous().data_ptr(), y.data_ptr())
+    return y
+
+
+def gemm_int8(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x (T, I) bf16 rows (decode batches: T <= MOE_MAX_TOKENS), q (O, I) int8, scale (O,) bf16 -> (T, O) bf16."""
+    o, i = q.shape
+    t = x.shape[0]
+    assert q.stride(1) == 1 and x.shape[1] == i and scale.numel() == o, (q.shape, q.stride(), x.shape, scale.shape)
+    y = torch.empty(t, o, dtype=torch.bfloat16)
+    _lib().dsvl2_gemm_int8(q.data_ptr(), o, i, q.stride(0), scale.contiguous().data_ptr(),  # type: ignore[union-attr]
+                           x.contiguous().data_ptr(), t, y.data_ptr())
     return y
 
 

@@ -66,8 +66,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     """x (..., I), q (O, I) int8, scale (O,) in x's dtype -> (..., O) in x's dtype."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    if rows == 1 and q.stride(-1) == 1 and cpu_kernels.usable_int8(x, q, scale):  # opt-in AVX512 int8 GEMV
-        return cpu_kernels.gemv_int8(q, scale, x.reshape(-1)).view(*x.shape[:-1], q.shape[0])
+    if 0 < rows <= cpu_kernels.MOE_MAX_TOKENS and q.stride(-1) == 1 and cpu_kernels.usable_int8(x, q, scale):
+        return cpu_kernels.gemm_int8(q, scale, x.reshape(rows, k)).view(*x.shape[:-1], q.shape[0])  # opt-in kernel
     if x.device.type == "cpu" and k % 16 == 0 and 0 < rows <= KERNEL_MAX_ROWS:
         y = torch._weight_int8pack_mm(x.reshape(rows, k).contiguous(), q, scale)  # (rows, O)
         return y.view(*x.shape[:-1], q.shape[0])

@@ -104,35 +104,59 @@ KERNEL void dsvl2_gemv_bf16(const uint16_t *W, int64_t O, int64_t I, int64_t ldw
     }
 }
 
+/* Slots (t, k) grouped by expert: order[] lists the slots expert by expert, group g covers
+ * order[start[g] .. start[g + 1]) and uses expert expert[g]. Returns the number of groups. */
+static int64_t group_slots(const int64_t *idx, int64_t slots, int64_t *order, int64_t *start, int64_t *expert) {
+    for (int64_t s = 0; s < slots; s++) {  /* insertion sort by expert, stable: a few dozen slots */
+        int64_t j = s;
+        while (j > 0 && idx[order[j - 1]] > idx[s]) { order[j] = order[j - 1]; j--; }
+        order[j] = s;
+    }
+    int64_t groups = 0;
+    for (int64_t i = 0; i < slots; i++)
+        if (i == 0 || idx[order[i]] != idx[order[i - 1]]) { start[groups] = i; expert[groups++] = idx[order[i]]; }
+    start[groups] = slots;
+    return groups;
+}
+
 /* The routed experts of one MoE layer for T tokens, K slots each (decode: T = batch):
  *   out[t] = bf16( sum_k w[t,k] * bf16(down_e @ bf16(bf16(silu(bf16(gate_e @ x_t))) * bf16(up_e @ x_t))) )
  * with e = idx[t,k]. gate/up (E, I, D), down (E, D, I), contiguous. Scratch: h (T*K*I) bf16,
- * y (T*K*D) fp32. Three phases in one parallel region: gate/up rows, down rows, the combine. */
+ * y (T*K*D) fp32. Three phases in one parallel region: gate/up rows, down rows, the combine. Jobs are
+ * (expert, 4 rows): an expert chosen by several tokens is read once, its rows reused from L1. */
 KERNEL void dsvl2_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const uint16_t *gate, const uint16_t *up,
                            const uint16_t *down, int64_t I, const int64_t *idx, const float *w, int64_t K,
                            uint16_t *h, float *y, uint16_t *out) {
     int64_t slots = T * K, igroups = (I + 3) / 4, dgroups = (D + 3) / 4;
+    int64_t *order = malloc((size_t)(3 * slots + 1) * sizeof(int64_t)), *start = order + slots, *expert = start + slots + 1;
+    int64_t groups = group_slots(idx, slots, order, start, expert);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int64_t job = 0; job < slots * igroups; job++) {
-            int64_t s = job / igroups, r = (job % igroups) * 4, t = s / K, e = idx[s];
-            const uint16_t *xt = x + t * D;
-            float g[4], u[4];
-            rows_f32(gate + e * I * D, D, xt, D, r, I, g);
-            rows_f32(up + e * I * D, D, xt, D, r, I, u);
-            for (int j = 0; j < 4 && r + j < I; j++) {
-                float gb = round_bf16(g[j]);
-                float act = round_bf16(gb / (1.0f + expf(-gb)));
-                h[s * I + r + j] = f32_to_bf16(act * round_bf16(u[j]));
+        for (int64_t job = 0; job < groups * igroups; job++) {
+            int64_t g = job / igroups, r = (job % igroups) * 4, e = expert[g];
+            for (int64_t i = start[g]; i < start[g + 1]; i++) {
+                int64_t s = order[i], t = s / K;
+                const uint16_t *xt = x + t * D;
+                float gg[4], u[4];
+                rows_f32(gate + e * I * D, D, xt, D, r, I, gg);
+                rows_f32(up + e * I * D, D, xt, D, r, I, u);
+                for (int j = 0; j < 4 && r + j < I; j++) {
+                    float gb = round_bf16(gg[j]);
+                    float act = round_bf16(gb / (1.0f + expf(-gb)));
+                    h[s * I + r + j] = f32_to_bf16(act * round_bf16(u[j]));
+                }
             }
         }
 #pragma omp for schedule(static)
-        for (int64_t job = 0; job < slots * dgroups; job++) {
-            int64_t s = job / dgroups, r = (job % dgroups) * 4, e = idx[s];
-            float d[4];
-            rows_f32(down + e * D * I, I, h + s * I, I, r, D, d);
-            for (int j = 0; j < 4 && r + j < D; j++) y[s * D + r + j] = round_bf16(d[j]);
+        for (int64_t job = 0; job < groups * dgroups; job++) {
+            int64_t g = job / dgroups, r = (job % dgroups) * 4, e = expert[g];
+            for (int64_t i = start[g]; i < start[g + 1]; i++) {
+                int64_t s = order[i];
+                float d[4] = {0};
+                rows_f32(down + e * D * I, I, h + s * I, I, r, D, d);
+                for (int j = 0; j < 4 && r + j < D; j++) y[s * D + r + j] = round_bf16(d[j]);
+            }
         }
 #pragma omp for schedule(static)
         for (int64_t td = 0; td < T * D; td++) {
@@ -142,6 +166,7 @@ KERNEL void dsvl2_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const uint16
             out[td] = f32_to_bf16(acc);
         }
     }
+    free(order);
 }
 
 /* ---- int8 weight-only (dsvl2/model/quant.py): q (rows, n) int8 with one bf16 scale per row ------------
@@ -224,18 +249,28 @@ KERNEL static inline void rows_i8(const int8_t *Q, int64_t ldq, const uint16_t *
     for (int j = 0; j < 4 && r + j < rows; j++) y[j] = d[j] * sx * bf16_to_f32(scale[r + j]);
 }
 
-/* y (O,) bf16 = (Q (O, I) int8 @ x) * scale (O,) bf16, with x (I,) bf16. */
-KERNEL void dsvl2_gemv_int8(const int8_t *Q, int64_t O, int64_t I, int64_t ldq, const uint16_t *scale,
-                            const uint16_t *x, uint16_t *y) {
-    int16_t *xq = malloc((size_t)I * sizeof(int16_t));
-    float sx = quantize_i16(NULL, x, I, xq);
+/* y (T, O) bf16 = (x (T, I) bf16 @ Q^T) * scale, Q (O, I) int8 with row scales (O,) bf16. Each group of
+ * four weight rows is read from memory once and reused from L1 for the T rows of x (decode batches). */
+KERNEL void dsvl2_gemm_int8(const int8_t *Q, int64_t O, int64_t I, int64_t ldq, const uint16_t *scale,
+                            const uint16_t *x, int64_t T, uint16_t *y) {
+    int16_t *xq = malloc((size_t)(T * I) * sizeof(int16_t));
+    float *sx = malloc((size_t)T * sizeof(float));
+    for (int64_t t = 0; t < T; t++) sx[t] = quantize_i16(NULL, x + t * I, I, xq + t * I);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < O; r += 4) {
-        float d[4] = {0};
-        rows_i8(Q, ldq, scale, xq, sx, I, r, O, d);
-        for (int j = 0; j < 4 && r + j < O; j++) y[r + j] = f32_to_bf16(d[j]);
+        for (int64_t t = 0; t < T; t++) {
+            float d[4] = {0};
+            rows_i8(Q, ldq, scale, xq + t * I, sx[t], I, r, O, d);
+            for (int j = 0; j < 4 && r + j < O; j++) y[t * O + r + j] = f32_to_bf16(d[j]);
+        }
     }
     free(xq);
+    free(sx);
+}
+
+KERNEL void dsvl2_gemv_int8(const int8_t *Q, int64_t O, int64_t I, int64_t ldq, const uint16_t *scale,
+                            const uint16_t *x, uint16_t *y) {
+    dsvl2_gemm_int8(Q, O, I, ldq, scale, x, 1, y);
 }
 
 /* dsvl2_moe_bf16 with int8 experts: gate/up (E, I, D) int8 with scales (E, I), down (E, D, I) int8 with
@@ -248,29 +283,37 @@ KERNEL void dsvl2_moe_int8(const uint16_t *x, int64_t T, int64_t D, const int8_t
     int64_t slots = T * K, igroups = (I + 3) / 4, dgroups = (D + 3) / 4;
     int16_t *xq = malloc((size_t)(T * D + slots * I) * sizeof(int16_t)), *hq = xq + T * D;
     float *sx = malloc((size_t)(T + slots) * sizeof(float)), *sh = sx + T;
+    int64_t *order = malloc((size_t)(3 * slots + 1) * sizeof(int64_t)), *start = order + slots, *expert = start + slots + 1;
+    int64_t groups = group_slots(idx, slots, order, start, expert);
     for (int64_t t = 0; t < T; t++) sx[t] = quantize_i16(NULL, x + t * D, D, xq + t * D);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int64_t job = 0; job < slots * igroups; job++) {
-            int64_t s = job / igroups, r = (job % igroups) * 4, t = s / K, e = idx[s];
-            float g[4] = {0}, u[4] = {0};
-            rows_i8(gate + e * I * D, D, gate_s + e * I, xq + t * D, sx[t], D, r, I, g);
-            rows_i8(up + e * I * D, D, up_s + e * I, xq + t * D, sx[t], D, r, I, u);
-            for (int j = 0; j < 4 && r + j < I; j++) {
-                float gb = round_bf16(g[j]);
-                float act = round_bf16(gb / (1.0f + expf(-gb)));
-                h[s * I + r + j] = round_bf16(act * round_bf16(u[j]));
+        for (int64_t job = 0; job < groups * igroups; job++) {
+            int64_t g = job / igroups, r = (job % igroups) * 4, e = expert[g];
+            for (int64_t i = start[g]; i < start[g + 1]; i++) {
+                int64_t s = order[i], t = s / K;
+                float gg[4] = {0}, u[4] = {0};
+                rows_i8(gate + e * I * D, D, gate_s + e * I, xq + t * D, sx[t], D, r, I, gg);
+                rows_i8(up + e * I * D, D, up_s + e * I, xq + t * D, sx[t], D, r, I, u);
+                for (int j = 0; j < 4 && r + j < I; j++) {
+                    float gb = round_bf16(gg[j]);
+                    float act = round_bf16(gb / (1.0f + expf(-gb)));
+                    h[s * I + r + j] = round_bf16(act * round_bf16(u[j]));
+                }
             }
         }
 #pragma omp for schedule(static)
         for (int64_t s = 0; s < slots; s++) sh[s] = quantize_i16(h + s * I, NULL, I, hq + s * I);
 #pragma omp for schedule(static)
-        for (int64_t job = 0; job < slots * dgroups; job++) {
-            int64_t s = job / dgroups, r = (job % dgroups) * 4, e = idx[s];
-            float d[4] = {0};
-            rows_i8(down + e * D * I, I, down_s + e * D, hq + s * I, sh[s], I, r, D, d);
-            for (int j = 0; j < 4 && r + j < D; j++) y[s * D + r + j] = round_bf16(d[j]);
+        for (int64_t job = 0; job < groups * dgroups; job++) {
+            int64_t g = job / dgroups, r = (job % dgroups) * 4, e = expert[g];
+            for (int64_t i = start[g]; i < start[g + 1]; i++) {
+                int64_t s = order[i];
+                float d[4] = {0};
+                rows_i8(down + e * D * I, I, down_s + e * D, hq + s * I, sh[s], I, r, D, d);
+                for (int j = 0; j < 4 && r + j < D; j++) y[s * D + r + j] = round_bf16(d[j]);
+            }
         }
 #pragma omp for schedule(static)
         for (int64_t td = 0; td < T * D; td++) {
@@ -282,6 +325,7 @@ KERNEL void dsvl2_moe_int8(const uint16_t *x, int64_t T, int64_t D, const int8_t
     }
     free(xq);
     free(sx);
+    free(order);
 }
 
 /* ---- one decode step of plain multi-head attention (Tiny), batch 1 ------------------------------------
