@@ -96,8 +96,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weight dtype")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--cpu-kernels", action="store_true",
-                        help="batch-1 decode on CPU through dsvl2's AVX512 kernels (bf16 ~2x, with --quantize int8 "
-                             "~2.5x faster; bf16-close rather than bit-identical; compiled with gcc on first use)")
+                        help="decode on CPU through dsvl2's AVX512 kernels (batch 1: bf16 ~2.5x, with --quantize int8 "
+                             "~4x faster; bf16-close rather than bit-identical; compiled with gcc on first use)")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="int8 weight-only language model: about half the memory and the bytes read per token")
 
