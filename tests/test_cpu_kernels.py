@@ -68,7 +68,7 @@ def test_not_used_with_autograd(kernels_on):
 
 @pytest.mark.parametrize("variant", ["mla", "mha"])
 def test_greedy_generation_is_unchanged(variant, kernels_on, monkeypatch):
-    calls = {"gemv": 0, "moe": 0} | ({"mha_decode": 0} if variant == "mha" else {})
+    calls = {"gemv": 0, "moe": 0} | ({"mha_decode": 0} if variant == "mha" else {"mla_decode": 0})
     for name in calls:
         def counted(*args, _f=getattr(cpu_kernels, name), _n=name):
             calls[_n] += 1
@@ -142,7 +142,7 @@ def test_int8_fused_experts_equal_the_torch_path(tokens, kernels_on):
 
 
 def test_int8_greedy_generation_is_unchanged(kernels_on, monkeypatch):
-    calls = {"gemm_int8": 0, "moe_int8": 0}
+    calls = {"gemm_int8": 0, "moe_int8": 0, "mla_decode": 0}
     for name in calls:
         def counted(*args, _f=getattr(cpu_kernels, name), _n=name):
             calls[_n] += 1
@@ -190,6 +190,34 @@ def test_mha_decode_step_equals_the_sdpa_path(int8, kernels_on):
     for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):  # the new key and value, written at 37
         torch.testing.assert_close(a[1, :, :, 37].float(), b[1, :, :, 37].float(), rtol=2 ** -6, atol=1e-2)
         assert torch.equal(a[1, :, :, :37], b[1, :, :, :37]) and torch.equal(a[1, :, :, 38:], b[1, :, :, 38:])
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_mla_decode_step_equals_the_absorbed_path(int8, kernels_on):
+    from dsvl2.model.cache import make_cache
+
+    model = toy_model("mla", seed=5, dtype=torch.bfloat16)
+    if int8:
+        quant.quantize_model_(model)
+    lm, cfg = model.language.model, model.cfg.language_config
+    attn = lm.layers[1].self_attn
+    caches = [make_cache(cfg, 1, 64, torch.bfloat16, "cpu") for _ in range(2)]
+    for c in caches:  # 37 cached positions of random latents and rotary keys
+        torch.manual_seed(1)
+        c.latent.copy_(torch.randn(c.latent.shape)), c.rope_key.copy_(torch.randn(c.rope_key.shape))
+        c.length = 37
+    x = torch.randn(1, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(9)).bfloat16()
+    cos, sin = lm.rotary(torch.tensor([[37]]), torch.bfloat16)
+    with torch.no_grad():
+        fast = attn._kernel_step(x, cos, sin, None, caches[0])
+        cpu_kernels.enable(False)
+        ref = attn(x, cos, sin, None, caches[1])  # the reference's absorbed decode path
+    assert fast is not None and fast.shape == ref.shape == (1, 1, cfg.hidden_size)
+    # the reference's rounding points, sums in another order: bf16-close (equal on this case for bf16)
+    torch.testing.assert_close(fast.float(), ref.float(), rtol=2 ** -6, atol=2e-3 * float(ref.abs().max()))
+    for a, b in ((caches[0].latent, caches[1].latent), (caches[0].rope_key, caches[1].rope_key)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=1e-2)  # written at 37 only
+        assert torch.equal(a[:, :, :37], b[:, :, :37]) and torch.equal(a[:, :, 38:], b[:, :, 38:])
 
 
 def test_mha_decode_step_refuses_a_full_cache(kernels_on):

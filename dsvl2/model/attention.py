@@ -167,9 +167,25 @@ class MLA(nn.Module):
         k_pe = apply_rope_interleaved(k_pe, cos, sin)
         return q_nope, q_pe, latent, k_pe
 
+    def _kernel_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                     cache: LatentCache | None) -> torch.Tensor | None:
+        """The whole batch-1 decode step in one C call (opt-in CPU kernels), or None where it does not apply.
+
+        The kernel follows this absorbed form's rounding points (bf16-close: its sums run in another
+        order); under the kernels ``forward_expanded`` takes it too, like MHA's.
+        """
+        if (cache is None or mask is not None or not cpu_kernels.enabled() or cos.dtype != torch.bfloat16
+                or not cpu_kernels.mla_usable(x, self, cache.latent[self.layer])):
+            return None
+        cache.check_room(1)
+        return cpu_kernels.mla_decode(self, x, cos, sin, cache.latent[self.layer], cache.rope_key[self.layer],
+                                      cache.length)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: LatentCache | None = None) -> torch.Tensor:
         """Absorbed form (the official eager path): attend over latents, never expand K/V."""
+        if (out := self._kernel_step(x, cos, sin, mask, cache)) is not None:
+            return out
         b, s, _ = x.shape
         q_nope, q_pe, latent, k_pe = self._project(x, cos, sin)
         k_pe = k_pe.squeeze(1)  # (B, S, rope)

@@ -79,6 +79,9 @@ def _build() -> ctypes.CDLL:
     lib.dsvl2_mha_decode.argtypes = [p, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64,
                                      ctypes.c_float, p]
     lib.dsvl2_mha_decode.restype = None
+    lib.dsvl2_mla_decode.argtypes = [p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, ctypes.c_float, p, p, p, p, p,
+                                     p, p, i64, ctypes.c_float, p]
+    lib.dsvl2_mla_decode.restype = None
     return lib
 
 
@@ -252,3 +255,35 @@ def mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     else:
         return None
     return out.view(x.shape)
+
+
+def mla_usable(x: torch.Tensor, attention: torch.nn.Module, latent: torch.Tensor) -> bool:
+    """Whether one decode row ``x`` (1, 1, D) of :class:`~dsvl2.model.attention.MLA` can run as one kernel call;
+    ``latent`` is the layer's (1, max_len, r) latent cache."""
+    kvb = attention.kv_b_proj.weight
+    return (usable(x, latent) and x.shape[:2] == (1, 1) and latent.shape[0] == 1 and latent.is_contiguous()
+            and type(attention.kv_b_proj) is torch.nn.Linear and kvb.dtype == torch.bfloat16 and kvb.is_contiguous()
+            and attention.kv_a_layernorm.weight.dtype == torch.bfloat16 and attention.rope <= 256
+            and all(_weight(getattr(attention, n)) is not None for n in ("q_proj", "kv_a_proj_with_mqa", "o_proj")))
+
+
+def mla_decode(attention: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               latent: torch.Tensor, rope_key: torch.Tensor, pos: int) -> torch.Tensor:
+    """One batch-1 decode step of MLA in the absorbed form (projections, latent norm, RoPE, cache write at
+    ``pos``, attention over the latents, output projection) in one call; ``latent`` (1, max_len, r) and
+    ``rope_key`` (1, max_len, rope) are this layer's cache. Returns (1, 1, D) bf16. Check :func:`mla_usable`."""
+    d = x.shape[-1]
+    max_len = latent.shape[1]
+    if pos >= max_len:
+        raise InputError(f"cache full: position {pos} is past its size {max_len}")
+    (wq, sq), (wa, sa), (wo, so) = (_weight(getattr(attention, n)) for n in ("q_proj", "kv_a_proj_with_mqa", "o_proj"))  # type: ignore[misc]
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    norm = attention.kv_a_layernorm
+    x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+    out = torch.empty(1, 1, d, dtype=torch.bfloat16)
+    _lib().dsvl2_mla_decode(x.data_ptr(), d, attention.heads, attention.nope, attention.rope,  # type: ignore[union-attr]
+                            attention.v_dim, attention.rank, wq.data_ptr(), ptr(sq), wa.data_ptr(), ptr(sa),
+                            norm.weight.data_ptr(), float(norm.eps), attention.kv_b_proj.weight.data_ptr(),
+                            wo.data_ptr(), ptr(so), cos.data_ptr(), sin.data_ptr(), latent.data_ptr(),
+                            rope_key.data_ptr(), pos, float(attention.scale), out.data_ptr())
+    return out

@@ -408,3 +408,88 @@ KERNEL void dsvl2_mha_decode(const uint16_t *x, int64_t D, int64_t H, int64_t hd
     free(buf);
     free(scores);
 }
+
+/* ---- one decode step of Multi-head Latent Attention (Small / Base), batch 1, absorbed form ---------------
+ * As MLA.forward with MLA._attend_latents_fp32 (the reference's CPU decode path), rounding where it
+ * rounds: q and the kv_a projection (bf16 or int8 weights); kv_a_layernorm; the interleaved RoPE of
+ * q_pe and k_pe; latent and rotary key written at pos; q_lat = q_nope @ W_UK per head; scores
+ * bf16(bf16(bf16(q_pe . k_pe) + bf16(q_lat . latent)) * scale), fp32 softmax rounded to bf16,
+ * o_lat = probs @ latents, o = o_lat @ W_UV^T per head, then o_proj. Dot products accumulate in fp32 in
+ * another order than torch's kernels: bf16-close. */
+KERNEL static inline float dot_bf16(const uint16_t *a, const uint16_t *b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(widen_bf16(a + i), widen_bf16(b + i), acc);
+    float s = _mm512_reduce_add_ps(acc);
+    for (; i < n; i++) s += bf16_to_f32(a[i]) * bf16_to_f32(b[i]);
+    return s;
+}
+
+KERNEL static inline void axpy_bf16(float *acc, float p, const uint16_t *row, int64_t n) {
+    __m512 pv = _mm512_set1_ps(p);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, widen_bf16(row + i), _mm512_loadu_ps(acc + i)));
+    for (; i < n; i++) acc[i] += p * bf16_to_f32(row[i]);
+}
+
+static void rope_interleaved(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t n) {
+    uint16_t t[n];
+    for (int64_t i = 0; i < n / 2; i++) t[i] = x[2 * i], t[n / 2 + i] = x[2 * i + 1];
+    memcpy(x, t, (size_t)n * sizeof(uint16_t));
+    rope(x, cos, sin, n);
+}
+
+KERNEL void dsvl2_mla_decode(const uint16_t *x, int64_t D, int64_t H, int64_t nope, int64_t rp, int64_t vd, int64_t R,
+                             const void *wq, const uint16_t *sq, const void *wa, const uint16_t *sa,
+                             const uint16_t *norm_w, float eps, const uint16_t *wkvb, const void *wo,
+                             const uint16_t *so, const uint16_t *cos, const uint16_t *sin, uint16_t *lat_cache,
+                             uint16_t *pe_cache, int64_t pos, float scale, uint16_t *out) {
+    int64_t T = pos + 1, qd = nope + rp;
+    uint16_t *q = malloc((size_t)(H * qd + R + rp + 2 * H * R + H * vd) * sizeof(uint16_t));
+    uint16_t *a = q + H * qd, *qlat = a + R + rp, *olat = qlat + H * R, *o = olat + H * R;
+    float *sc = malloc((size_t)(H * T + H * R) * sizeof(float)), *acc = sc + H * T;
+    project(wq, sq, H * qd, D, x, q);
+    project(wa, sa, R + rp, D, x, a);
+    float ss = 0.0f; /* kv_a_layernorm: fp32 statistics, rounded to bf16, then the bf16 weight multiply */
+    for (int64_t i = 0; i < R; i++) ss += bf16_to_f32(a[i]) * bf16_to_f32(a[i]);
+    float inv = 1.0f / sqrtf(ss / (float)R + eps);
+    for (int64_t i = 0; i < R; i++) a[i] = f32_to_bf16(bf16_to_f32(norm_w[i]) * round_bf16(bf16_to_f32(a[i]) * inv));
+    rope_interleaved(a + R, cos, sin, rp);
+    for (int64_t h = 0; h < H; h++) rope_interleaved(q + h * qd + nope, cos, sin, rp);
+    memcpy(lat_cache + pos * R, a, (size_t)R * sizeof(uint16_t));
+    memcpy(pe_cache + pos * rp, a + R, (size_t)rp * sizeof(uint16_t));
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t h = 0; h < H; h++) { /* q_lat[h] = q_nope[h] @ W_UK[h]: rows of kv_b_proj scaled and summed */
+            float *ah = acc + h * R;
+            memset(ah, 0, (size_t)R * sizeof(float));
+            for (int64_t i = 0; i < nope; i++)
+                axpy_bf16(ah, bf16_to_f32(q[h * qd + i]), wkvb + (h * (nope + vd) + i) * R, R);
+            for (int64_t c = 0; c < R; c++) qlat[h * R + c] = f32_to_bf16(ah[c]);
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            for (int64_t h = 0; h < H; h++) {
+                float s_pe = round_bf16(dot_bf16(q + h * qd + nope, pe_cache + t * rp, rp));
+                float s_lat = round_bf16(dot_bf16(qlat + h * R, lat_cache + t * R, R));
+                sc[h * T + t] = round_bf16(round_bf16(s_pe + s_lat) * scale);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t h = 0; h < H; h++) {
+            float *sh = sc + h * T, m = -INFINITY, sum = 0.0f, *ah = acc + h * R;
+            for (int64_t t = 0; t < T; t++) m = fmaxf(m, sh[t]);
+            for (int64_t t = 0; t < T; t++) sum += (sh[t] = expf(sh[t] - m));
+            memset(ah, 0, (size_t)R * sizeof(float));
+            for (int64_t t = 0; t < T; t++) axpy_bf16(ah, round_bf16(sh[t] / sum), lat_cache + t * R, R);
+            for (int64_t c = 0; c < R; c++) olat[h * R + c] = f32_to_bf16(ah[c]);
+            for (int64_t j = 0; j < vd; j++) /* o[h] = o_lat[h] @ W_UV[h]^T */
+                o[h * vd + j] = f32_to_bf16(dot_bf16(olat + h * R, wkvb + (h * (nope + vd) + nope + j) * R, R));
+        }
+    }
+    project(wo, so, D, H * vd, o, out);
+    free(q);
+    free(sc);
+}
