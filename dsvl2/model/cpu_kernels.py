@@ -82,6 +82,8 @@ def _build() -> ctypes.CDLL:
     lib.dsvl2_mla_decode.argtypes = [p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, ctypes.c_float, p, p, p, p, p,
                                      p, p, i64, ctypes.c_float, p]
     lib.dsvl2_mla_decode.restype = None
+    lib.dsvl2_rmsnorm_bf16.argtypes = [p, i64, i64, p, ctypes.c_float, p]
+    lib.dsvl2_rmsnorm_bf16.restype = None
     return lib
 
 
@@ -287,3 +289,15 @@ def mla_decode(attention: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, s
                             wo.data_ptr(), ptr(so), cos.data_ptr(), sin.data_ptr(), latent.data_ptr(),
                             rope_key.data_ptr(), pos, float(attention.scale), out.data_ptr())
     return out
+
+
+def rmsnorm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """:class:`~dsvl2.model.layers.RMSNorm` of up to ``MOE_MAX_TOKENS`` bf16 rows in one call, or None."""
+    n = x.shape[-1]
+    rows = x.numel() // n if n else 0
+    if not (0 < rows <= MOE_MAX_TOKENS and usable(x, norm.weight) and norm.weight.is_contiguous()):
+        return None
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    _lib().dsvl2_rmsnorm_bf16(x.data_ptr(), rows, n, norm.weight.data_ptr(), float(norm.eps), y.data_ptr())  # type: ignore[union-attr]
+    return y

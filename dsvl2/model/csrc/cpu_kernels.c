@@ -493,3 +493,15 @@ KERNEL void dsvl2_mla_decode(const uint16_t *x, int64_t D, int64_t H, int64_t no
     free(q);
     free(sc);
 }
+
+/* RMSNorm of R rows of n bf16 values, as layers.RMSNorm: fp32 statistics, x * rsqrt(mean(x^2) + eps)
+ * rounded to bf16, then the bf16 weight multiply rounded again (the mean sums in another order). */
+KERNEL void dsvl2_rmsnorm_bf16(const uint16_t *x, int64_t R, int64_t n, const uint16_t *w, float eps, uint16_t *y) {
+    for (int64_t r = 0; r < R; r++) {
+        const uint16_t *xr = x + r * n;
+        uint16_t *yr = y + r * n;
+        float ss = dot_bf16(xr, xr, n);
+        float inv = 1.0f / sqrtf(ss / (float)n + eps);
+        for (int64_t i = 0; i < n; i++) yr[i] = f32_to_bf16(bf16_to_f32(w[i]) * round_bf16(bf16_to_f32(xr[i]) * inv));
+    }
+}
