@@ -276,6 +276,28 @@ def test_rmsnorm_rows_equal_torch(kernels_on):
     torch.testing.assert_close(fast.float(), ref.float(), rtol=2 ** -7, atol=0)
 
 
+@pytest.mark.parametrize("variant", ["mla", "noaux"])
+def test_router_row_chooses_as_torch(variant, kernels_on):
+    model = toy_model(variant, seed=2, dtype=torch.bfloat16)
+    gate = model.language.model.layers[1].mlp.gate
+    g = torch.Generator().manual_seed(4)
+    if gate.noaux:  # a correction bias that changes the choice (sigmoid scores + bias)
+        gate.e_score_correction_bias.data = torch.randn(gate.e_score_correction_bias.shape, generator=g) * 0.1
+    for _ in range(20):
+        x = torch.randn(1, gate.weight.shape[1], generator=g).bfloat16()
+        with torch.no_grad():
+            idx, weight, scores = cpu_kernels.router(gate, x)
+            cpu_kernels.enable(False)
+            ref_idx, ref_weight, ref_scores = gate(x)
+            cpu_kernels.enable(True)
+        ours = dict(zip(idx[0].tolist(), weight[0].tolist()))  # slot order may differ: compare as sets
+        theirs = dict(zip(ref_idx[0].tolist(), ref_weight[0].tolist()))
+        assert ours.keys() == theirs.keys()
+        assert all(abs(ours[e] - theirs[e]) <= 1e-6 * max(1.0, abs(theirs[e])) for e in ours)
+        torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-7)
+    assert cpu_kernels.router(gate, torch.zeros(2, gate.weight.shape[1]).bfloat16()) is None  # rows: torch
+
+
 def test_a_missing_compiler_is_named_in_the_error(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("DSVL2_CACHE_DIR", str(tmp_path))

@@ -84,6 +84,8 @@ def _build() -> ctypes.CDLL:
     lib.dsvl2_mla_decode.restype = None
     lib.dsvl2_rmsnorm_bf16.argtypes = [p, i64, i64, p, ctypes.c_float, p]
     lib.dsvl2_rmsnorm_bf16.restype = None
+    lib.dsvl2_router.argtypes = [p, i64, p, i64, i64, ctypes.c_int, p, ctypes.c_int, ctypes.c_float, p, p, p]
+    lib.dsvl2_router.restype = None
     return lib
 
 
@@ -301,3 +303,22 @@ def rmsnorm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     y = torch.empty_like(x)
     _lib().dsvl2_rmsnorm_bf16(x.data_ptr(), rows, n, norm.weight.data_ptr(), float(norm.eps), y.data_ptr())  # type: ignore[union-attr]
     return y
+
+
+def router(gate: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """:class:`~dsvl2.model.moe.Router` for one bf16 row ``x`` (1, D) in one call: (idx (1, K) int64,
+    weight (1, K) fp32, scores (1, E) fp32), the top K in descending order; None where it does not apply
+    (several rows, grouped routing)."""
+    if x.shape[0] != 1 or gate.n_group != 1 or not usable(x, gate.weight) or not gate.weight.is_contiguous():
+        return None
+    e, d = gate.weight.shape
+    k = gate.top_k
+    bias = gate.e_score_correction_bias.float().contiguous() if gate.noaux else None
+    x = x.contiguous()
+    idx = torch.empty(1, k, dtype=torch.int64)
+    weight = torch.empty(1, k, dtype=torch.float32)
+    scores = torch.empty(1, e, dtype=torch.float32)
+    _lib().dsvl2_router(x.data_ptr(), d, gate.weight.data_ptr(), e, k, int(gate.noaux),  # type: ignore[union-attr]
+                        None if bias is None else bias.data_ptr(), int(gate.norm_topk_prob), float(gate.scaling),
+                        idx.data_ptr(), weight.data_ptr(), scores.data_ptr())
+    return idx, weight, scores

@@ -505,3 +505,39 @@ KERNEL void dsvl2_rmsnorm_bf16(const uint16_t *x, int64_t R, int64_t n, const ui
         for (int64_t i = 0; i < n; i++) yr[i] = f32_to_bf16(bf16_to_f32(w[i]) * round_bf16(bf16_to_f32(xr[i]) * inv));
     }
 }
+
+/* The MoE router for one token (moe.Router, n_group = 1): fp32 logits of the bf16 weights (E, D), softmax
+ * (greedy) or sigmoid plus the correction bias for the choice (noaux_tc), the top K in descending order
+ * of the choice score (ties to the lower expert id), weights = scores of the chosen, normalised when
+ * norm_topk, times scaling. scores (E,) receives the fp32 routing scores. */
+KERNEL void dsvl2_router(const uint16_t *x, int64_t D, const uint16_t *w, int64_t E, int64_t K, int noaux,
+                         const float *bias, int norm_topk, float scaling, int64_t *idx, float *weight, float *scores) {
+    float choice[E];
+    int taken[E];
+    float m = -INFINITY, sum = 0.0f;
+    for (int64_t e = 0; e < E; e++) {
+        scores[e] = dot_bf16(x, w + e * D, D);
+        m = fmaxf(m, scores[e]);
+        taken[e] = 0;
+    }
+    for (int64_t e = 0; e < E; e++) {
+        if (noaux) scores[e] = 1.0f / (1.0f + expf(-scores[e]));
+        else sum += (scores[e] = expf(scores[e] - m));
+    }
+    for (int64_t e = 0; e < E; e++) {
+        if (!noaux) scores[e] /= sum;
+        choice[e] = noaux && bias ? scores[e] + bias[e] : scores[e];
+    }
+    float total = 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++)
+            if (!taken[e] && (best < 0 || choice[e] > choice[best])) best = e;
+        taken[best] = 1;
+        idx[k] = best;
+        weight[k] = scores[best];
+        total += scores[best];
+    }
+    for (int64_t k = 0; k < K; k++)
+        weight[k] = (K > 1 && norm_topk) ? weight[k] / (total + 1e-20f) * scaling : weight[k] * scaling;
+}
