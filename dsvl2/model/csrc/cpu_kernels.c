@@ -104,6 +104,24 @@ KERNEL void dsvl2_gemv_bf16(const uint16_t *W, int64_t O, int64_t I, int64_t ldw
     }
 }
 
+/* bf16(bf16(silu(bf16(g))) * bf16(u)): the SwiGLU of one row with the reference's rounding points. */
+static inline float swiglu_bf16(float g, float u) {
+    float gb = round_bf16(g);
+    return round_bf16(round_bf16(gb / (1.0f + expf(-gb))) * round_bf16(u));
+}
+
+/* out[t] = bf16(sum_k w[t,k] * y[t,k]) over D columns, slot by slot in fp32 (the official combine's
+ * order). A worksharing loop: call it from inside a parallel region, from every thread. */
+static void combine_slots(const float *y, const float *w, int64_t T, int64_t K, int64_t D, uint16_t *out) {
+#pragma omp for schedule(static)
+    for (int64_t td = 0; td < T * D; td++) {
+        int64_t t = td / D, c = td % D;
+        float acc = y[(t * K) * D + c] * w[t * K];
+        for (int64_t k = 1; k < K; k++) acc += y[(t * K + k) * D + c] * w[t * K + k];
+        out[td] = f32_to_bf16(acc);
+    }
+}
+
 /* Slots (t, k) grouped by expert: order[] lists the slots expert by expert, group g covers
  * order[start[g] .. start[g + 1]) and uses expert expert[g]. Returns the number of groups. */
 static int64_t group_slots(const int64_t *idx, int64_t slots, int64_t *order, int64_t *start, int64_t *expert) {
@@ -141,11 +159,7 @@ KERNEL void dsvl2_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const uint16
                 float gg[4], u[4];
                 rows_f32(gate + e * I * D, D, xt, D, r, I, gg);
                 rows_f32(up + e * I * D, D, xt, D, r, I, u);
-                for (int j = 0; j < 4 && r + j < I; j++) {
-                    float gb = round_bf16(gg[j]);
-                    float act = round_bf16(gb / (1.0f + expf(-gb)));
-                    h[s * I + r + j] = f32_to_bf16(act * round_bf16(u[j]));
-                }
+                for (int j = 0; j < 4 && r + j < I; j++) h[s * I + r + j] = f32_to_bf16(swiglu_bf16(gg[j], u[j]));
             }
         }
 #pragma omp for schedule(static)
@@ -158,13 +172,7 @@ KERNEL void dsvl2_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const uint16
                 for (int j = 0; j < 4 && r + j < D; j++) y[s * D + r + j] = round_bf16(d[j]);
             }
         }
-#pragma omp for schedule(static)
-        for (int64_t td = 0; td < T * D; td++) {
-            int64_t t = td / D, c = td % D;
-            float acc = y[(t * K) * D + c] * w[t * K];
-            for (int64_t k = 1; k < K; k++) acc += y[(t * K + k) * D + c] * w[t * K + k];
-            out[td] = f32_to_bf16(acc);
-        }
+        combine_slots(y, w, T, K, D, out);
     }
     free(order);
 }
@@ -174,8 +182,9 @@ KERNEL void dsvl2_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const uint16
  * (~10 GB/s of int8 on two cores). Instead the activations are quantized to int16 (one scale per
  * vector, |error| <= max|x| / 65534, ~256x finer than bf16's rounding of x itself) and VPDPWSSD sums
  * pairs of int16 products into 16 int32 lanes, flushed to fp32 every 2048 weights so no lane can
- * overflow (128 products per lane: 128 * 127 * 32767 < 2^31). Each row's result (sum * x scale * row scale) is rounded to bf16 once, as
- * torch._weight_int8pack_mm's; the two agree to bf16 rounding (tests/test_cpu_kernels.py). */
+ * overflow (128 products per lane: 128 * 127 * 32767 < 2^31). Each row's result (sum * x scale * row
+ * scale) is rounded to bf16 once, as torch._weight_int8pack_mm's; the two agree to bf16 rounding
+ * (tests/test_cpu_kernels.py). */
 
 /* xq = round(x / s) with s = max|x| / 32767 (s = 1 for an all-zero x); returns s. x fp32, or bf16 (xb). */
 static float quantize_i16(const float *x, const uint16_t *xb, int64_t n, int16_t *xq) {
@@ -296,11 +305,7 @@ KERNEL void dsvl2_moe_int8(const uint16_t *x, int64_t T, int64_t D, const int8_t
                 float gg[4] = {0}, u[4] = {0};
                 rows_i8(gate + e * I * D, D, gate_s + e * I, xq + t * D, sx[t], D, r, I, gg);
                 rows_i8(up + e * I * D, D, up_s + e * I, xq + t * D, sx[t], D, r, I, u);
-                for (int j = 0; j < 4 && r + j < I; j++) {
-                    float gb = round_bf16(gg[j]);
-                    float act = round_bf16(gb / (1.0f + expf(-gb)));
-                    h[s * I + r + j] = round_bf16(act * round_bf16(u[j]));
-                }
+                for (int j = 0; j < 4 && r + j < I; j++) h[s * I + r + j] = swiglu_bf16(gg[j], u[j]);
             }
         }
 #pragma omp for schedule(static)
@@ -315,13 +320,7 @@ KERNEL void dsvl2_moe_int8(const uint16_t *x, int64_t T, int64_t D, const int8_t
                 for (int j = 0; j < 4 && r + j < D; j++) y[s * D + r + j] = round_bf16(d[j]);
             }
         }
-#pragma omp for schedule(static)
-        for (int64_t td = 0; td < T * D; td++) {
-            int64_t t = td / D, c = td % D;
-            float acc = y[(t * K) * D + c] * w[t * K];
-            for (int64_t k = 1; k < K; k++) acc += y[(t * K + k) * D + c] * w[t * K + k];
-            out[td] = f32_to_bf16(acc);
-        }
+        combine_slots(y, w, T, K, D, out);
     }
     free(xq);
     free(sx);
