@@ -98,11 +98,9 @@ class MHA(nn.Module):
         Attention is computed as SDPA computes it (fp32 scores and softmax), so under the kernels both
         forms agree with ``forward_expanded``: bf16-close, like the rest of the kernels.
         """
-        if (cache is None or mask is not None or not cpu_kernels.enabled() or cos.dtype != torch.bfloat16
-                or not cpu_kernels.mha_usable(x, self, cache.k[self.layer])):
+        if cache is None or mask is not None or not cpu_kernels.enabled():
             return None
-        cache.check_room(1)
-        return cpu_kernels.mha_decode(self, x, cos, sin, cache.k[self.layer], cache.v[self.layer], cache.length)
+        return cpu_kernels.mha_decode(self, x, cos, sin, cache)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -174,12 +172,9 @@ class MLA(nn.Module):
         The kernel follows this absorbed form's rounding points (bf16-close: its sums run in another
         order); under the kernels ``forward_expanded`` takes it too, like MHA's.
         """
-        if (cache is None or mask is not None or not cpu_kernels.enabled() or cos.dtype != torch.bfloat16
-                or not cpu_kernels.mla_usable(x, self, cache.latent[self.layer])):
+        if cache is None or mask is not None or not cpu_kernels.enabled():
             return None
-        cache.check_room(1)
-        return cpu_kernels.mla_decode(self, x, cos, sin, cache.latent[self.layer], cache.rope_key[self.layer],
-                                      cache.length)
+        return cpu_kernels.mla_decode(self, x, cos, sin, cache)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: LatentCache | None = None) -> torch.Tensor:

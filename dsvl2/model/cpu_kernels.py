@@ -26,6 +26,7 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -70,8 +71,6 @@ def _build() -> ctypes.CDLL:
     lib.dsvl2_gemv_bf16.restype = None
     lib.dsvl2_moe_bf16.argtypes = [p, i64, i64, p, p, p, i64, p, p, i64, p, p, p]
     lib.dsvl2_moe_bf16.restype = None
-    lib.dsvl2_gemv_int8.argtypes = [p, i64, i64, i64, p, p, p]
-    lib.dsvl2_gemv_int8.restype = None
     lib.dsvl2_gemm_int8.argtypes = [p, i64, i64, i64, p, p, i64, p]
     lib.dsvl2_gemm_int8.restype = None
     lib.dsvl2_moe_int8.argtypes = [p, i64, i64, p, p, p, p, p, p, i64, p, p, i64, p, p, p]
@@ -157,16 +156,6 @@ def moe(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tenso
     return out
 
 
-def gemv_int8(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """q (O, I) int8 with unit column stride, scale (O,) bf16, x (I,) bf16 -> (O,) bf16 = (q @ x) * scale."""
-    o, i = q.shape
-    assert q.stride(1) == 1 and x.numel() == i and scale.numel() == o, (q.shape, q.stride(), x.shape, scale.shape)
-    y = torch.empty(o, dtype=torch.bfloat16)
-    _lib().dsvl2_gemv_int8(q.data_ptr(), o, i, q.stride(0), scale.contiguous().data_ptr(),  # type: ignore[union-attr]
-                           x.contiguous().data_ptr(), y.data_ptr())
-    return y
-
-
 def gemm_int8(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """x (T, I) bf16 rows (decode batches: T <= MOE_MAX_TOKENS), q (O, I) int8, scale (O,) bf16 -> (T, O) bf16."""
     o, i = q.shape
@@ -211,30 +200,37 @@ def _weight(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] 
     return None
 
 
-def mha_usable(x: torch.Tensor, attention: torch.nn.Module, cache_k: torch.Tensor) -> bool:
-    """Whether one decode row ``x`` (1, 1, D) of :class:`~dsvl2.model.attention.MHA` can run as one kernel call."""
-    return (usable(x, cache_k) and x.shape[:2] == (1, 1) and cache_k.shape[0] == 1 and cache_k.is_contiguous()
-            and attention.head_dim % 16 == 0 and attention.head_dim <= 256
-            and all(_weight(getattr(attention, n)) is not None for n in ("q_proj", "k_proj", "v_proj", "o_proj")))
+def _weights(module: torch.nn.Module, names: tuple[str, ...]) -> list[int | None] | None:
+    """Data pointers ``[w0, scale0, w1, scale1, ...]`` (scale None for bf16) of the named linears, or None
+    if one of them cannot be read by the kernels."""
+    ptrs: list[int | None] = []
+    for name in names:
+        found = _weight(getattr(module, name))
+        if found is None:
+            return None
+        ptrs += [found[0].data_ptr(), None if found[1] is None else found[1].data_ptr()]
+    return ptrs
 
 
 def mha_decode(attention: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               cache_k: torch.Tensor, cache_v: torch.Tensor, pos: int) -> torch.Tensor:
-    """One batch-1 decode step of plain multi-head attention (projections, RoPE, cache write at ``pos``,
-    attention over positions 0..pos, output projection) in one call; ``cache_k``/``cache_v`` are this
-    layer's (1, H, max_len, hd) buffers. Returns (1, 1, D) bf16. Check :func:`mha_usable` first."""
+               cache: Any) -> torch.Tensor | None:
+    """One batch-1 decode step of plain multi-head attention in one call, or None where the kernels do not
+    apply: projections, RoPE, the cache write at ``cache.length``, attention over positions 0..length,
+    output projection. ``cache`` is the model's ``KVCache``; x (1, 1, D) -> (1, 1, D) bf16."""
+    k_buf, v_buf = cache.k[attention.layer], cache.v[attention.layer]  # (1, H, max_len, hd)
+    if not (usable(x, k_buf, cos) and x.shape[:2] == (1, 1) and k_buf.shape[0] == 1 and k_buf.is_contiguous()
+            and attention.head_dim % 16 == 0 and attention.head_dim <= 256):
+        return None
+    ptrs = _weights(attention, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    if ptrs is None:
+        return None
+    cache.check_room(1)
     d = x.shape[-1]
-    _, h, max_len, hd = cache_k.shape
-    if pos >= max_len:
-        raise InputError(f"cache full: position {pos} is past its size {max_len}")
-    args = []
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        w, scale = _weight(getattr(attention, name))  # type: ignore[misc]
-        args += [w.data_ptr(), None if scale is None else scale.data_ptr()]
+    _, h, max_len, hd = k_buf.shape
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
     out = torch.empty(1, 1, d, dtype=torch.bfloat16)
-    _lib().dsvl2_mha_decode(x.data_ptr(), d, h, hd, *args, cos.data_ptr(), sin.data_ptr(),  # type: ignore[union-attr]
-                            cache_k.data_ptr(), cache_v.data_ptr(), max_len, pos, float(attention.scale_div),
+    _lib().dsvl2_mha_decode(x.data_ptr(), d, h, hd, *ptrs, cos.data_ptr(), sin.data_ptr(),  # type: ignore[union-attr]
+                            k_buf.data_ptr(), v_buf.data_ptr(), max_len, cache.length, float(attention.scale_div),
                             out.data_ptr())
     return out
 
@@ -261,35 +257,28 @@ def mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return out.view(x.shape)
 
 
-def mla_usable(x: torch.Tensor, attention: torch.nn.Module, latent: torch.Tensor) -> bool:
-    """Whether one decode row ``x`` (1, 1, D) of :class:`~dsvl2.model.attention.MLA` can run as one kernel call;
-    ``latent`` is the layer's (1, max_len, r) latent cache."""
-    kvb = attention.kv_b_proj.weight
-    return (usable(x, latent) and x.shape[:2] == (1, 1) and latent.shape[0] == 1 and latent.is_contiguous()
-            and type(attention.kv_b_proj) is torch.nn.Linear and kvb.dtype == torch.bfloat16 and kvb.is_contiguous()
-            and attention.kv_a_layernorm.weight.dtype == torch.bfloat16 and attention.rope <= 256
-            and all(_weight(getattr(attention, n)) is not None for n in ("q_proj", "kv_a_proj_with_mqa", "o_proj")))
-
-
 def mla_decode(attention: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               latent: torch.Tensor, rope_key: torch.Tensor, pos: int) -> torch.Tensor:
-    """One batch-1 decode step of MLA in the absorbed form (projections, latent norm, RoPE, cache write at
-    ``pos``, attention over the latents, output projection) in one call; ``latent`` (1, max_len, r) and
-    ``rope_key`` (1, max_len, rope) are this layer's cache. Returns (1, 1, D) bf16. Check :func:`mla_usable`."""
+               cache: Any) -> torch.Tensor | None:
+    """One batch-1 decode step of MLA in the absorbed form in one call, or None where the kernels do not
+    apply: projections, latent norm, RoPE, the cache write at ``cache.length``, attention over the latents,
+    output projection. ``cache`` is the model's ``LatentCache``; x (1, 1, D) -> (1, 1, D) bf16."""
+    latent, rope_key = cache.latent[attention.layer], cache.rope_key[attention.layer]  # (1, max_len, r / rope)
+    kvb, norm = attention.kv_b_proj.weight, attention.kv_a_layernorm
+    if not (usable(x, latent, cos, kvb, norm.weight) and x.shape[:2] == (1, 1) and latent.shape[0] == 1
+            and latent.is_contiguous() and type(attention.kv_b_proj) is torch.nn.Linear and kvb.is_contiguous()
+            and attention.rope <= 256):
+        return None
+    ptrs = _weights(attention, ("q_proj", "kv_a_proj_with_mqa", "o_proj"))
+    if ptrs is None:
+        return None
+    cache.check_room(1)
     d = x.shape[-1]
-    max_len = latent.shape[1]
-    if pos >= max_len:
-        raise InputError(f"cache full: position {pos} is past its size {max_len}")
-    (wq, sq), (wa, sa), (wo, so) = (_weight(getattr(attention, n)) for n in ("q_proj", "kv_a_proj_with_mqa", "o_proj"))  # type: ignore[misc]
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    norm = attention.kv_a_layernorm
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
     out = torch.empty(1, 1, d, dtype=torch.bfloat16)
     _lib().dsvl2_mla_decode(x.data_ptr(), d, attention.heads, attention.nope, attention.rope,  # type: ignore[union-attr]
-                            attention.v_dim, attention.rank, wq.data_ptr(), ptr(sq), wa.data_ptr(), ptr(sa),
-                            norm.weight.data_ptr(), float(norm.eps), attention.kv_b_proj.weight.data_ptr(),
-                            wo.data_ptr(), ptr(so), cos.data_ptr(), sin.data_ptr(), latent.data_ptr(),
-                            rope_key.data_ptr(), pos, float(attention.scale), out.data_ptr())
+                            attention.v_dim, attention.rank, *ptrs[:4], norm.weight.data_ptr(), float(norm.eps),
+                            kvb.data_ptr(), *ptrs[4:], cos.data_ptr(), sin.data_ptr(), latent.data_ptr(),
+                            rope_key.data_ptr(), cache.length, float(attention.scale), out.data_ptr())
     return out
 
 

@@ -277,11 +277,6 @@ KERNEL void dsvl2_gemm_int8(const int8_t *Q, int64_t O, int64_t I, int64_t ldq, 
     free(sx);
 }
 
-KERNEL void dsvl2_gemv_int8(const int8_t *Q, int64_t O, int64_t I, int64_t ldq, const uint16_t *scale,
-                            const uint16_t *x, uint16_t *y) {
-    dsvl2_gemm_int8(Q, O, I, ldq, scale, x, 1, y);
-}
-
 /* dsvl2_moe_bf16 with int8 experts: gate/up (E, I, D) int8 with scales (E, I), down (E, D, I) int8 with
  * scales (E, D), all bf16 scales; x (T, D) bf16. Scratch h (T*K*I) fp32, y (T*K*D) fp32. Rounding as
  * quant.Int8Experts: each projection rounded to bf16, SiLU and the product rounded to bf16. */
@@ -340,7 +335,7 @@ KERNEL static inline __m512 widen_bf16(const uint16_t *p) {
 }
 
 static void project(const void *W, const uint16_t *s, int64_t O, int64_t I, const uint16_t *x, uint16_t *y) {
-    if (s) dsvl2_gemv_int8((const int8_t *)W, O, I, I, s, x, y);
+    if (s) dsvl2_gemm_int8((const int8_t *)W, O, I, I, s, x, 1, y);
     else dsvl2_gemv_bf16((const uint16_t *)W, O, I, I, x, y);
 }
 
