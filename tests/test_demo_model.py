@@ -100,3 +100,47 @@ def test_synthetic_sources_name_the_known_ones(tmp_path):
     src = SyntheticSource("qa_reading_zoom", processor=None, mask_prompt=True)
     conv = src.conversation(3)
     assert conv[1]["content"] in load_words() and conv[0]["images"][0].width <= 512
+
+
+def test_sincos_position_table_matches_the_formula_and_starts_the_vit():
+    import math
+
+    from dsvl2.demo.build import demo_config, init_weights, sincos_2d
+    from dsvl2.model.vlm import DSVL2
+
+    grid, width = 3, 8  # two frequencies per axis: 1 and 1 / 10000 ** 0.5 = 0.01
+    table = sincos_2d(grid, width)
+    assert table.shape == (9, 8)
+    row, col = 2, 1  # patch 7 in row-major order
+    expected = [math.sin(row), math.sin(row * 0.01), math.cos(row), math.cos(row * 0.01),
+                math.sin(col), math.sin(col * 0.01), math.cos(col), math.cos(col * 0.01)]
+    assert torch.allclose(table[row * grid + col], torch.tensor(expected), atol=1e-6)
+    assert len({tuple(r) for r in table.tolist()}) == 9  # every position distinct
+
+    m = {"tile": 56, "patch": 14, "vision_width": 16, "vision_layers": 1, "vision_heads": 2, "vision_mlp_ratio": 2.0,
+         "hidden": 32, "layers": 2, "heads": 2, "intermediate": 64, "moe_intermediate": 16, "experts": 4,
+         "top_k": 2, "shared_experts": 1, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
+         "v_head_dim": 8}
+    model = DSVL2(demo_config(m, 64, 1, 2))
+    init_weights(model, 0.02, 0, pos_init="sincos", pos_scale=0.5)
+    assert torch.equal(model.vision.pos_embed[0], 0.5 * sincos_2d(4, 16))
+    init_weights(model, 0.02, 0)  # default: N(0, std) like every other tensor
+    assert model.vision.pos_embed.std() < 0.05
+    with pytest.raises(dsvl2.errors.DSVL2Error, match="pos_init = 'learned'"):
+        init_weights(model, 0.02, 0, pos_init="learned")
+
+
+def test_recipe_candidates_become_tile_layouts_and_bad_ones_are_named():
+    from dsvl2.demo.build import demo_config, smoke_recipe
+
+    m = {"tile": 168, "patch": 14, "vision_width": 16, "vision_layers": 1, "vision_heads": 2, "vision_mlp_ratio": 2.0,
+         "hidden": 32, "layers": 2, "heads": 2, "intermediate": 64, "moe_intermediate": 16, "experts": 4,
+         "top_k": 2, "shared_experts": 1, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
+         "v_head_dim": 8}
+    assert demo_config(m, 64, 1, 2).candidate_resolutions == ((168, 168),)  # default: one local tile
+    cfg = demo_config(dict(m, candidates=[[168, 168], [336, 168]]), 64, 1, 2)
+    assert cfg.candidate_resolutions == ((168, 168), (336, 168))
+    with pytest.raises(dsvl2.errors.DSVL2Error, match=r"candidates \[\[168, 168\], \[200, 168\]\].*tile = 168"):
+        demo_config(dict(m, candidates=[[168, 168], [200, 168]]), 64, 1, 2)
+    smoke = smoke_recipe({"model": dict(m, candidates=[[168, 168], [336, 168]]), "stages": {}})
+    assert smoke["model"]["candidates"] == [[112, 112], [224, 112]]
