@@ -144,3 +144,15 @@ def test_recipe_candidates_become_tile_layouts_and_bad_ones_are_named():
         demo_config(dict(m, candidates=[[168, 168], [200, 168]]), 64, 1, 2)
     smoke = smoke_recipe({"model": dict(m, candidates=[[168, 168], [336, 168]]), "stages": {}})
     assert smoke["model"]["candidates"] == [[112, 112], [224, 112]]
+
+
+def test_split_letters_tokenizer_spells_words_and_round_trips(tmp_path):
+    from dsvl2.demo.build import train_tokenizer
+
+    text = "<|ref|>the purple triangle<|/ref|><|det|>[[340, 13, 512, 228]]<|/det|>"
+    letters = train_tokenizer(tmp_path / "letters", 512, corpus_size=30, split_letters=True)
+    ids = letters.encode("olive")
+    assert [letters.decode([i]) for i in ids] == list("olive")
+    assert letters.decode(letters.encode(text)) == text
+    words = train_tokenizer(tmp_path / "words", 512, corpus_size=30)  # default: BPE merges whole words
+    assert len(words.encode("olive")) < 5 and words.decode(words.encode(text)) == text

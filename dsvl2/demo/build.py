@@ -62,13 +62,17 @@ def tokenizer_corpus(n: int = 3000, seed: int = 0) -> list[str]:
     return texts
 
 
-def train_tokenizer(out_dir: Path, vocab_size: int, corpus_size: int = 3000) -> Tokenizer:
-    """Byte-level BPE with the VL2 special tokens; writes tokenizer.json + config + special map."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(out_dir: Path, vocab_size: int, corpus_size: int = 3000, split_letters: bool = False) -> Tokenizer:
+    """Byte-level BPE with the VL2 special tokens; writes tokenizer.json + config + special map.
+
+    ``split_letters``: every letter is its own token too (like the digits), so a word is read and
+    written letter by letter: 26 shapes shared by all words instead of one token per word."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
 
     tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+    letters = [pre_tokenizers.Split(Regex("[A-Za-z]"), behavior="isolated")] if split_letters else []
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*letters, pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIALS), show_progress=False,
@@ -322,7 +326,8 @@ def build(out: Path, work: Path, smoke: bool = False, workers: int = 1, eval_n: 
     m = recipe["model"]
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = work / "tokenizer"
-    tokenizer = train_tokenizer(tok_dir, m["vocab"], corpus_size=60 if smoke else 3000)
+    tokenizer = train_tokenizer(tok_dir, m["vocab"], corpus_size=60 if smoke else 3000,
+                                split_letters=m.get("split_letters", False))
     vocab = math.ceil(tokenizer.vocab_size / 64) * 64
     cfg = demo_config(m, vocab, tokenizer.bos_id, tokenizer.eos_id)
     pcfg = write_processor_config(cfg, tok_dir)
