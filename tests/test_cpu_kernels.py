@@ -292,3 +292,42 @@ def test_a_missing_compiler_is_named_in_the_error(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="no C compiler .*no-such-cc.* set \\$CC"):
         cpu_kernels.enable()
     assert not cpu_kernels.enabled()
+
+
+def test_gelu_tanh_is_correctly_rounded_and_matches_torch_where_torch_is(kernels_on):
+    x = torch.cat([torch.randn(50_000, generator=torch.Generator().manual_seed(0)) * 3,
+                   torch.linspace(-12, 12, 20_001), torch.tensor([0.0, -0.0, 50.0, -50.0, 1e4, -1e4])]).bfloat16()
+    xd = x.double()
+    truth = xd * torch.sigmoid(2 * (2 / torch.pi) ** 0.5 * (xd + 0.044715 * xd ** 3))  # = 0.5 x (1 + tanh u)
+    y = cpu_kernels.gelu_tanh(x.clone())
+    normal = truth.abs() > 1e-30
+    step = torch.pow(2.0, torch.frexp(truth[normal])[1].double() - 8)  # one bf16 step at the true value
+    assert ((y.double()[normal] - truth[normal]).abs() / step).max() <= 0.5 + 1e-3  # rounded once, to nearest
+    assert (y.double()[~normal] - truth[~normal]).abs().max() < 1e-30
+    torch_y = torch.nn.functional.gelu(x, approximate="tanh")
+    # torch's tanh form cancels for x < -3 (up to hundreds of bf16 steps off); elsewhere the two agree
+    assert (y == torch_y)[x >= -3].float().mean() > 0.995
+    assert cpu_kernels.gelu_tanh(x.float()) is None and cpu_kernels.gelu_tanh(x[::2]) is None  # fp32, strided
+
+
+def test_vision_tower_with_the_gelu_kernel_stays_bf16_close(monkeypatch):
+    from dsvl2.config import VisionConfig
+    from dsvl2.model.init import init_random_
+    from dsvl2.model.vision import VisionTower
+
+    tower = VisionTower(VisionConfig(image_size=56, patch_size=14, width=64, layers=2, heads=4, mlp_ratio=4.0))
+    init_random_(tower, seed=0)
+    tower = tower.bfloat16().eval()
+    tiles = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.no_grad():
+        ref = tower(tiles).float()
+        calls = []
+        monkeypatch.setattr(cpu_kernels, "gelu_tanh", lambda h, f=cpu_kernels.gelu_tanh: calls.append(1) or f(h))
+        cpu_kernels.enable(True)
+        try:
+            out = tower(tiles).float()
+        finally:
+            cpu_kernels.enable(False)
+    assert len(calls) == 2  # one per block
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
+    assert (out - ref).abs().mean() < 0.01

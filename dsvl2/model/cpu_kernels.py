@@ -6,6 +6,8 @@ and the routed experts cost a dozen small ops per layer. The C kernels in ``csrc
 stream the weights over torch's OpenMP threads (bf16 with VDPBF16PS; int8 weights against int16
 activations with VPDPWSSD) and run the six chosen experts of a token (gate, up, SiLU, down, weighted
 sum) in one call. The int8 kernels serve the weight-only int8 model of :mod:`dsvl2.model.quant`.
+One kernel serves the vision tower rather than decode: its tanh-GELU (:func:`gelu_tanh`), which torch
+runs 4.5x slower than its erf GELU in bf16 here.
 
 They round where the reference rounds but accumulate the dot products in another order (and int8
 quantizes the activations to int16, ~256x finer than their bf16 rounding), so results are bf16-close
@@ -85,6 +87,8 @@ def _build() -> ctypes.CDLL:
     lib.dsvl2_rmsnorm_bf16.restype = None
     lib.dsvl2_router.argtypes = [p, i64, p, i64, i64, ctypes.c_int, p, ctypes.c_int, ctypes.c_float, p, p, p]
     lib.dsvl2_router.restype = None
+    lib.dsvl2_gelu_tanh_bf16.argtypes = [p, i64, p]
+    lib.dsvl2_gelu_tanh_bf16.restype = None
     return lib
 
 
@@ -311,3 +315,14 @@ def router(gate: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.
                         None if bias is None else bias.data_ptr(), int(gate.norm_topk_prob), float(gate.scaling),
                         idx.data_ptr(), weight.data_ptr(), scores.data_ptr())
     return idx, weight, scores
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor | None:
+    """``F.gelu(x, approximate="tanh")`` of a contiguous bf16 tensor, in place (the ViT's MLP hidden), or None.
+
+    Within one bf16 step of torch's result (tested against fp64): torch's bf16 tanh-GELU runs at ~2 ns a
+    value on this CPU, 4.5x its erf GELU, which made it a third of the vision tower's non-matmul time."""
+    if not (usable(x) and x.is_contiguous()):
+        return None
+    _lib().dsvl2_gelu_tanh_bf16(x.data_ptr(), x.numel(), x.data_ptr())  # type: ignore[union-attr]
+    return x

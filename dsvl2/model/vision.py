@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import VisionConfig
 from ..errors import InputError
+from . import cpu_kernels
 
 
 class PatchEmbed(nn.Module):
@@ -49,7 +50,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        h = self.fc1(x)
+        g = cpu_kernels.gelu_tanh(h) if cpu_kernels.enabled() else None  # opt-in, bf16 CPU inference
+        return self.fc2(F.gelu(h, approximate="tanh") if g is None else g)
 
 
 class Block(nn.Module):
