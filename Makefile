@@ -4,8 +4,8 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-IMAGE   ?= dsvl2/demo/examples/reading.png
-QUESTION ?= Read the text in the image.
+IMAGE   ?= dsvl2/demo/examples/chart.png
+QUESTION ?= What is the value of bar D?
 
 .PHONY: setup demo test test-all browser bench clean demo-model
 
