@@ -272,6 +272,8 @@ def init_weights(model: torch.nn.Module, std: float, seed: int, pos_init: str = 
     need and a random table has to learn first."""
     from dsvl2.model.layers import RMSNorm
 
+    if pos_init not in ("normal", "sincos"):
+        raise DSVL2Error(f"recipe [model] pos_init = {pos_init!r}: expected 'normal' or 'sincos'")
     gen = torch.Generator().manual_seed(seed)
     norms = set()
     for mod in model.modules():
@@ -289,13 +291,8 @@ def init_weights(model: torch.nn.Module, std: float, seed: int, pos_init: str = 
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
         if pos_init == "sincos":
-            vision = model.vision if hasattr(model, "vision") else None
-            table = vision.pos_embed if vision is not None else None
-            if table is None:
-                raise ValueError("pos_init = 'sincos' needs a model with a vision tower (model.vision.pos_embed)")
-            table.copy_(pos_scale * sincos_2d(vision.cfg.grid, vision.cfg.width)[None])
-        elif pos_init != "normal":
-            raise DSVL2Error(f"recipe [model] pos_init = {pos_init!r}: expected 'normal' or 'sincos'")
+            vision = model.vision
+            vision.pos_embed.copy_(pos_scale * sincos_2d(vision.cfg.grid, vision.cfg.width)[None])
 
 
 def smoke_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -305,7 +302,7 @@ def smoke_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
                  intermediate=128, moe_intermediate=32, kv_lora_rank=16, qk_nope_head_dim=16,
                  qk_rope_head_dim=8, v_head_dim=16, tile=112, patch=28, vocab=512)
     if "candidates" in m:  # the same tile layouts at the smoke tile
-        model["candidates"] = [[w // m["tile"] * 112, h // m["tile"] * 112] for w, h in m["candidates"]]
+        model["candidates"] = [[w // m["tile"] * model["tile"], h // m["tile"] * model["tile"]] for w, h in m["candidates"]]
     stages = {n: dataclasses.replace(s, steps=2, warmup_steps=1, batch_size=4, checkpoint_every=0)
               for n, s in recipe["stages"].items()}
     return {**recipe, "model": model, "stages": stages}
