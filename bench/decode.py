@@ -3,7 +3,6 @@
     python bench/make_checkpoint.py --preset tiny --out /work/ckpt/tiny                 # full Tiny, random
     python bench/make_checkpoint.py --preset small --layers 4 --out /work/ckpt/small4   # MLA cache path
     python bench/decode.py --model /work/ckpt/tiny [--quantize int8] [--fused-attention] [--cpu-kernels] [--compile] [--threads 2]
-    python bench/decode.py --model /work/ckpt/tiny --prepack-experts   # prefill packed and plain, interleaved
     python bench/decode.py --preset tiny --device cuda --json out.json   # random weights built on the GPU
     python bench/decode.py --preset small --layers 4 --device cuda [--compile] --json out.json
 
@@ -68,7 +67,6 @@ from dsvl2.generation.generate import (
 from dsvl2.model import cpu_kernels
 from dsvl2.model.cache import make_cache
 from dsvl2.model.init import init_random_
-from dsvl2.model.moe import Experts, prepack_experts
 from dsvl2.model.vlm import DSVL2
 from dsvl2.pipeline import Pipeline, resolve_dtype
 from dsvl2.processing.processor import Processor
@@ -279,9 +277,6 @@ def main() -> None:
                     help="decode through the opt-in AVX512 kernels, bf16 or int8 (dsvl2/model/cpu_kernels.py)")
     ap.add_argument("--fused-attention", action="store_true",
                     help="SDPA attention in prefill and decode (GenerateArgs.fused_attention: bf16-close)")
-    ap.add_argument("--prepack-experts", action="store_true",
-                    help="prefill through oneDNN-packed expert copies (dsvl2.load(prepack_experts=True)); the "
-                         "plain prefill is measured beside it, interleaved, as prefill_unpacked_*")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
@@ -303,7 +298,7 @@ def main() -> None:
                                         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
                                         "loadavg_start": os.getloadavg()[0], "quantize": str(a.quantize),
                                         "fused_attention": str(a.fused_attention), "compile": str(a.compile),
-                                        "cpu_kernels": str(a.cpu_kernels), "prepack_experts": str(a.prepack_experts)}
+                                        "cpu_kernels": str(a.cpu_kernels)}
     if a.cpu_kernels:
         cpu_kernels.enable()
     if dev.type == "cuda":
@@ -318,8 +313,6 @@ def main() -> None:
         pipe = dsvl2.load(a.model, dtype=a.dtype, device=str(dev), quantize=a.quantize)
     else:
         pipe = random_pipeline(a.preset, a.layers, resolve_dtype(a.dtype), dev, a.tokenizer_from, a.quantize)
-    if a.prepack_experts:
-        prepack_experts(pipe.model)
     r["load_s"] = clock() - t
     r["rss_after_load_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     if dev.type == "cuda":  # the peak below: the model + the run, not the loader's or the init's temporaries
@@ -354,31 +347,7 @@ def main() -> None:
         cache = make_cache(lc, e.shape[0], total, model.dtype, dev)
         return cache, prefill(model, e, m, cache, expanded=a.fused_attention)
 
-    if not a.prepack_experts:
-        pre = best(lambda: run_prefill(embeds, mask), 2)
-    else:  # the plain path in the same minute: rounds alternate plain / packed, best of 3 each
-        blocks = [m for m in model.modules() if isinstance(m, Experts)]
-        packed = [m._packed for m in blocks]
-
-        def plain():
-            for m in blocks:
-                m._packed = None
-            try:
-                return run_prefill(embeds, mask)
-            finally:
-                for m, p in zip(blocks, packed):
-                    m._packed = p
-
-        times = {"packed": [], "plain": []}
-        for _ in range(3):
-            for kind, fn in (("plain", plain), ("packed", lambda: run_prefill(embeds, mask))):
-                t0 = clock()
-                fn()
-                times[kind].append(clock() - t0)
-        pre = min(times["packed"])
-        unpacked = min(times["plain"])
-        r.update(prefill_unpacked_tok_per_s=t_prompt / unpacked,
-                 prefill_unpacked_GFLOPs=prefill_flops(cfg, t_prompt) / unpacked / 1e9)
+    pre = best(lambda: run_prefill(embeds, mask), 2)
     r.update(prompt_tokens=t_prompt, prefill_tok_per_s=t_prompt / pre,
              prefill_GFLOPs=prefill_flops(cfg, t_prompt) / pre / 1e9)
 
@@ -434,8 +403,6 @@ def main() -> None:
     r[f"decode_b{a.batch}_vs_b1"] = r[f"decode_tok_per_s_b{a.batch}"] / r["decode_tok_per_s_b1"]
     r[f"bound_b{a.batch}_vs_b1"] = r[f"decode_bound_b{a.batch}_tok_per_s"] / r["decode_bound_b1_tok_per_s"]
     r["prefill_vs_matmul"] = r["prefill_GFLOPs"] / r["matmul_GFLOPs"]
-    if a.prepack_experts:
-        r["prefill_unpacked_vs_matmul"] = r["prefill_unpacked_GFLOPs"] / r["matmul_GFLOPs"]
     r["vision_vs_matmul"] = r["vision_GFLOPs"] / r["matmul_GFLOPs"]
     width = max(map(len, r))
     for k, v in r.items():

@@ -100,15 +100,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "~4x faster; bf16-close rather than bit-identical; compiled with gcc on first use)")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="int8 weight-only language model: about half the memory and the bytes read per token")
-    parser.add_argument("--prepack-experts", action="store_true",
-                        help="CPU, bf16: keep a oneDNN-packed copy of the routed experts for faster prompt prefill "
-                             "(the experts' memory doubles)")
 
 
 def _load(args: argparse.Namespace) -> Pipeline:
     with load_progress() as progress:
         return load(args.model, dtype=args.dtype, device=args.device, progress=progress,
-                    cpu_kernels=args.cpu_kernels, quantize=args.quantize, prepack_experts=args.prepack_experts)
+                    cpu_kernels=args.cpu_kernels, quantize=args.quantize)
 
 
 def _fail(message: str) -> int:

@@ -214,15 +214,13 @@ def _find_stop(text: str, stop: Sequence[str], start: int) -> int | None:
 
 def load(model_dir: str | Path | None = None, dtype: str | torch.dtype = "bf16", device: str | None = None,
          progress: Callable[[int, int], None] | None = None, quantize: str | None = None,
-         cpu_kernels: bool = False, prepack_experts: bool = False) -> Pipeline:
+         cpu_kernels: bool = False) -> Pipeline:
     """Load a model directory in the official Hugging Face layout (config, safetensors, tokenizer).
 
     ``quantize="int8"``: int8 weight-only language model (about half the memory and bytes per token).
     ``cpu_kernels=True``: batch-1 decode on CPU (bf16, or int8 with ``quantize="int8"``) through dsvl2's
     AVX512 kernels (``dsvl2.model.cpu_kernels``; process-wide, bf16-close rather than bit-identical); an
     ``InputError`` says why where they cannot run.
-    ``prepack_experts=True``: a second copy of the routed experts in oneDNN's layout makes prompt
-    prefill faster on CPU (bf16 only; the experts' memory doubles; ``dsvl2.model.moe``).
     """
     if cpu_kernels:
         from .model import cpu_kernels as kernels
@@ -233,13 +231,6 @@ def load(model_dir: str | Path | None = None, dtype: str | torch.dtype = "bf16",
 
         model_dir = default_model_dir()
     device = device or default_device()
-    if prepack_experts and quantize:
-        raise InputError(f"prepack_experts packs bf16 experts; it does not combine with quantize={quantize!r} "
-                         "(int8 experts are half the bytes already)")
     model = load_model(model_dir, dtype=resolve_dtype(dtype), device=device, progress=progress, quantize=quantize)
-    if prepack_experts:
-        from .model.moe import prepack_experts as prepack
-
-        prepack(model)
     processor = Processor.from_pretrained(model_dir)
     return Pipeline(model, processor, model_dir)

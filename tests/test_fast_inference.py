@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsvl2.model.moe import Experts, grouped_mm_supported, prepack_experts, prepack_supported
+from dsvl2.model.moe import Experts, grouped_mm_supported
 
 
 def _experts(dtype: torch.dtype, seed: int = 0) -> Experts:
@@ -107,57 +107,6 @@ def test_column_form_equals_per_expert_loop_at_released_widths(n):
     idx, weight = _routing(n, 3, 4, seed=n)
     with torch.no_grad():
         assert torch.equal(ex(x, idx, weight), ex.forward_per_expert(x, idx, weight))
-
-
-needs_prepack = pytest.mark.skipif(not prepack_supported(torch.zeros(1, dtype=torch.bfloat16)),
-                                   reason="this torch has no oneDNN (mkldnn) linear ops")
-
-
-@needs_prepack
-@pytest.mark.parametrize("n", [40, 300])
-def test_prepacked_experts_equal_per_expert_loop_at_released_widths(n):
-    """Prefill-sized calls through the packed copies give the loop's result: gate and up stacked into
-    one packed product compute the same dot products as the two separate ones."""
-    g = torch.Generator().manual_seed(n)
-    ex = Experts(6, 1280, 896)
-    for p in ex.parameters():
-        p.data = (torch.randn(p.shape, generator=g) * 0.03).to(torch.bfloat16)
-    x = torch.randn(n, 1280, generator=g).to(torch.bfloat16)
-    idx, weight = _routing(n, 2, 6, seed=n)
-    with torch.no_grad():
-        plain = ex.forward_per_expert(x, idx, weight)
-        assert prepack_experts(ex) == 1
-        calls = []
-        ex._per_expert_packed = lambda rows, counts, f=ex._per_expert_packed: calls.append(1) or f(rows, counts)
-        packed = ex(x, idx, weight)
-    assert calls, "the packed path did not run"
-    torch.testing.assert_close(packed, plain, atol=0, rtol=0.0)
-
-
-@needs_prepack
-def test_prepacked_experts_follow_weight_changes_and_stay_out_of_decode_and_training():
-    ex = _experts(torch.bfloat16)
-    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
-    idx, weight = _routing(40, 3, 8, seed=2)
-    ex.prepack()
-    with torch.no_grad():
-        ex.down_proj.mul_(-2)  # e.g. a LoRA merge after packing
-        assert torch.equal(ex(x, idx, weight), ex.forward_per_expert(x, idx, weight))  # packed again first
-    used = []
-    ex._per_expert_packed = lambda *a: used.append(1)
-    with torch.no_grad():
-        ex(x[:4], idx[:4], weight[:4])  # decode-sized: the plain weights
-    ex(x, idx, weight)  # with autograd: the differentiable grouped path
-    assert not used
-    ex.prepack(False)
-    assert ex._packed is None
-
-
-def test_prepack_refuses_weights_it_cannot_pack():
-    from dsvl2.errors import InputError
-
-    with pytest.raises(InputError, match="bf16 weights on a CPU.*torch.float32"):
-        _experts(torch.float32).prepack()
 
 
 @pytest.mark.parametrize("shape", [(896, 1280), (1280, 896), (4096, 1280)])
@@ -301,23 +250,3 @@ def test_decode_step_with_padding_decided_once_has_no_graph_break(padded):
         prefill(model, model.language.model.embed_tokens(ids), mask, cache)
         explained = torch._dynamo.explain(decode_one_token)(model, tok, m, cache, False, padded)
     assert explained.graph_break_count == 0, explained.break_reasons
-
-
-@needs_prepack
-def test_load_with_prepacked_experts_generates_the_same_tokens(golden_dir):
-    """``dsvl2.load(prepack_experts=True)``: the golden prompts (prefills of 100+ tokens, so the packed
-    path runs) give the same greedy tokens as the plain load; int8 does not combine with it."""
-    import dsvl2
-    from dsvl2.errors import InputError
-    from golden_utils import cases, conversation, greedy
-
-    ckpt = golden_dir / "checkpoints" / "micro-mla"
-    plain = dsvl2.load(ckpt, dtype="bf16", device="cpu")
-    packed = dsvl2.load(ckpt, dtype="bf16", device="cpu", prepack_experts=True)
-    assert all(m._packed is not None for m in packed.model.modules() if isinstance(m, Experts))
-    for case in cases(golden_dir)[:3]:
-        batch = plain.processor(conversation(golden_dir, case))
-        assert batch.input_ids.shape[1] > 16
-        assert greedy(packed, batch, 8) == greedy(plain, batch, 8)
-    with pytest.raises(InputError, match="prepack_experts.*int8"):
-        dsvl2.load(ckpt, dtype="bf16", device="cpu", prepack_experts=True, quantize="int8")

@@ -20,12 +20,6 @@ computed on the device): no Python loop over experts, no host sync, autograd inc
 the same GEMM the official per-expert loop runs (same rows, same row count), so the result is
 bit-identical to ``Experts.forward_per_expert``, the plain loop kept beside it (tested), which is also
 the fallback where the grouped kernel is unavailable (CUDA before sm90, fp16/fp64).
-
-Prepacked prefill (``Experts.prepack``, opt-in, bf16 on CPU): oneDNN re-lays out a plain weight on
-every product, which for the ~100 rows an expert gets in a prefill costs about as much as the product
-itself. ``prepack`` keeps a copy of each expert's weights in oneDNN's own layout (gate and up stacked
-into one product) that prefill-sized calls use; it doubles the routed experts' memory, so it is a load
-flag (``dsvl2.load(..., prepack_experts=True)``), and decode keeps the plain weights.
 """
 
 from __future__ import annotations
@@ -38,7 +32,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..config import LanguageConfig
-from ..errors import InputError
 from . import cpu_kernels
 from .layers import MLP
 
@@ -123,20 +116,6 @@ def dispatch(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, n_experts
     return combined.to(x.dtype)
 
 
-def prepack_supported(weight: torch.Tensor) -> bool:
-    """Whether :meth:`Experts.prepack` can pack weights like ``weight`` (bf16, CPU, oneDNN present)."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-
-
-def prepack_experts(model: nn.Module, on: bool = True) -> int:
-    """:meth:`Experts.prepack` on every routed-expert block of ``model``; returns how many were (un)packed."""
-    blocks = [m for m in model.modules() if isinstance(m, Experts)]
-    for m in blocks:
-        m.prepack(on)
-    return len(blocks)
-
-
 COLUMN_FORM_MAX_TOKENS = 16  # up to here every expert has <= 16 rows: the bf16 column form is bit-exact
 
 
@@ -156,44 +135,15 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.zeros(n_experts, intermediate, hidden))
         self.down_proj = nn.Parameter(torch.zeros(n_experts, hidden, intermediate))
 
-        self._packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see prepack
-        self._packed_versions: tuple[int, ...] = ()
-
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
-
-    def prepack(self, on: bool = True) -> None:
-        """Keep (``on``) or drop a oneDNN-packed copy of every expert for prefill-sized calls (module doc).
-
-        Packs ``[gate; up]`` (2I, D) and ``down`` (D, I) per expert with
-        ``torch.ops.mkldnn._reorder_linear_weight``. Used only without autograd, by calls of more than
-        ``COLUMN_FORM_MAX_TOKENS`` tokens; a copy whose weights changed since (training, LoRA merge) is
-        packed again before use, so it is never stale."""
-        if not on:
-            self._packed, self._packed_versions = None, ()
-            return
-        if not prepack_supported(self.gate_proj):
-            raise InputError(f"prepacked experts need bf16 weights on a CPU with oneDNN; these are "
-                             f"{self.gate_proj.dtype} on {self.gate_proj.device}")
-        reorder = torch.ops.mkldnn._reorder_linear_weight
-        with torch.no_grad():
-            self._packed = [(reorder(torch.cat([self.gate_proj[e], self.up_proj[e]]).contiguous()),
-                             reorder(self.down_proj[e].contiguous())) for e in range(self.gate_proj.shape[0])]
-        self._packed_versions = self._weight_versions()
-
-    def _weight_versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in (self.gate_proj, self.up_proj, self.down_proj))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x (N, D), idx/weight (N, K) -> sum_k weight * expert_idx(x): one grouped GEMM per projection."""
         if (x.shape[0] <= cpu_kernels.MOE_MAX_TOKENS and cpu_kernels.usable(x, self.gate_proj)
                 and not parametrize.is_parametrized(self)):  # opt-in fused decode kernel
             return cpu_kernels.moe(x, self.gate_proj, self.up_proj, self.down_proj, idx, weight)
-        if self._packed is not None and x.shape[0] > COLUMN_FORM_MAX_TOKENS and not torch.is_grad_enabled():
-            if self._packed_versions != self._weight_versions():
-                self.prepack()  # the weights changed since they were packed
-            run = self._per_expert_packed
-        elif not grouped_mm_supported(x):
+        if not grouped_mm_supported(x):
             run = self._per_expert
         elif self._column_form_ok(x):
             run = self._grouped_columns  # decode on CPU: at most N rows per expert
@@ -231,18 +181,6 @@ class Experts(nn.Module):
         cols = _stride_aligned(rows.mT)  # (D, N*K)
         h = F.silu(torch._grouped_mm(gate, cols, offs=offs)) * torch._grouped_mm(up, cols, offs=offs)  # (I, N*K)
         return torch._grouped_mm(down, _stride_aligned(h), offs=offs).mT  # (N*K, D)
-
-    def _per_expert_packed(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Each expert on its rows through its packed ``[gate; up]`` and ``down`` (two products, not three)."""
-        linear, i = torch.ops.mkldnn._linear_pointwise, self.gate_proj.shape[1]
-        outs, start = [], 0
-        for e, c in enumerate(counts.tolist()):  # CPU only: the counts are already on the host
-            if c:
-                gate_up, down = self._packed[e]
-                gu = linear(rows[start:start + c], gate_up, None, "none", [], "")  # (c, 2I)
-                outs.append(linear(F.silu(gu[:, :i]) * gu[:, i:], down, None, "none", [], ""))
-                start += c
-        return torch.cat(outs, dim=0)
 
     def _per_expert(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         outs, start = [], 0
