@@ -76,7 +76,8 @@ def main() -> None:
         tokens, params = (lambda x: cnn(x).flatten(2).transpose(1, 2)), list(cnn.parameters())
     else:
         model = DSVL2(cfg)
-        build.init_weights(model, m["init_std"], 0, m.get("pos_init", "normal"), m.get("pos_scale", 1.0))
+        build.init_weights(model, m["init_std"], 0, m.get("pos_init", "normal"), m.get("pos_scale", 1.0),
+                           m.get("attn_init", "normal"))
         tokens = lambda x: model.projector(model.vision(x))  # noqa: E731
         params = list(model.vision.parameters()) + list(model.projector.parameters())
     query = nn.Parameter(torch.randn(width) * 0.02)

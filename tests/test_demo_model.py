@@ -156,3 +156,65 @@ def test_split_letters_tokenizer_spells_words_and_round_trips(tmp_path):
     assert letters.decode(letters.encode(text)) == text
     words = train_tokenizer(tmp_path / "words", 512, corpus_size=30)  # default: BPE merges whole words
     assert len(words.encode("olive")) < 5 and words.decode(words.encode(text)) == text
+
+
+def _by_line(page):
+    it = iter(page.meta["boxes"])
+    return [[next(it) for _ in line] for line in page.meta["lines"]]
+
+
+def test_page_source_draws_every_word_it_answers_in_reading_order():
+    """``qa_page``: lines of the task's words, answered top to bottom; each answered word is drawn where
+    the line puts it (ink inside every word's box) and the one-word reading prompt is reused."""
+    from random import Random
+
+    from dsvl2.demo.build import READ_PROMPT, SyntheticSource, make_page
+
+    words, counts = load_words(), []
+    for i in range(30):
+        page = make_page(Random(i), words)
+        if page.task == "reading":  # nothing fitted: the one-word sample instead
+            continue
+        assert page.prompt == READ_PROMPT and 200 <= page.image.width <= 512 and 200 <= page.image.height <= 512
+        assert page.answer == "\n".join(" ".join(line) for line in page.meta["lines"])
+        assert all(w in words for line in page.meta["lines"] for w in line)
+        counts.append(len(page.answer.split()))
+        ink = np.asarray(page.image.convert("L")) < 128
+        inside = np.zeros_like(ink)
+        boxes = page.meta["boxes"]
+        assert len(boxes) == counts[-1]
+        for x1, y1, x2, y2 in boxes:
+            assert ink[y1:y2, x1:x2].any()  # every answered word is drawn
+            inside[y1:y2, x1:x2] = True
+        assert not (ink & ~inside).any()  # and nothing else is
+        tops = [min(b[1] for b in boxes if b in line_boxes) for line_boxes in _by_line(page)]
+        assert tops == sorted(tops)  # lines answered top to bottom
+    assert len(counts) >= 25 and sum(counts) / len(counts) > 4  # several words a page, not one
+    conv = SyntheticSource("qa_page", processor=None, mask_prompt=True).conversation(0)
+    assert conv[0]["content"] == READ_PROMPT and conv[1]["content"].split()[0] in words
+
+
+def test_mimetic_attention_init_gives_the_target_products():
+    """``attn_init = "mimetic"``: per head W_q^T W_k is the rank-d part of a Z + b I (so its trace is
+    mostly b's), and W_proj W_v equals a' Z' - b' I exactly (full rank)."""
+    from dsvl2.demo.build import demo_config, init_weights
+    from dsvl2.model.vlm import DSVL2
+
+    m = {"tile": 56, "patch": 14, "vision_width": 32, "vision_layers": 2, "vision_heads": 2, "vision_mlp_ratio": 2.0,
+         "hidden": 32, "layers": 2, "heads": 2, "intermediate": 64, "moe_intermediate": 16, "experts": 4,
+         "top_k": 2, "shared_experts": 1, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
+         "v_head_dim": 8}
+    model = DSVL2(demo_config(m, 64, 1, 2))
+    init_weights(model, 0.02, 0, pos_init="sincos", attn_init="mimetic")
+    c, d = 32, 16
+    for block in model.vision.blocks:
+        w = block.attn.qkv.weight.detach()
+        for h in range(2):
+            qk = w[h * d:(h + 1) * d].T @ w[c + h * d:c + (h + 1) * d]  # (C, C), rank d
+            assert torch.linalg.matrix_rank(qk) == d
+            assert qk.trace() > 0.5 * 2.0 * c / 2  # at least half of b I's trace survives the rank-d cut
+        vo = block.attn.proj.weight.detach() @ w[2 * c:]
+        off = vo + 0.4 * torch.eye(c)  # what is left is a' Z': mean ~0, std ~a' / sqrt(C)
+        assert abs(off.mean()) < 0.02 and 0.5 < off.std() * c ** 0.5 / 0.4 < 1.5
+    with pytest.raises(dsvl2.errors.DSVL2Error, match="attn_init = 'conv'"):
+        init_weights(model, 0.02, 0, attn_init="conv")

@@ -175,18 +175,66 @@ def zoom(sample: Any, rng: Random) -> Any:
     return dataclasses.replace(sample, image=sample.image.crop(box))
 
 
+READ_PROMPT = "<image>\nRead the text in the image."
+
+
+def make_page(rng: Random, words: Sequence[str], max_lines: int = 8, max_per_line: int = 4) -> Any:
+    """A page of the reading task's words: lines of words in the task's fonts (28-56 px, one size per
+    line) on a white image of the task's sizes; the answer is the text, lines top to bottom.
+
+    One page shows the vision side up to ``max_lines * max_per_line`` words where a reading sample
+    shows one, under the same prompt ("Read the text in the image."), so the one-word task is the
+    page task with a single word. Words are separated by spaces and lines by newlines, which the demo
+    tokenizer keeps as their own tokens: a word is the same token here as in a one-word answer."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from dsvl2.demo.tasks import Sample, make_reading
+
+    width, height = rng.randint(200, 512), rng.randint(200, 512)
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    lines: list[list[str]] = []
+    boxes: list[tuple[int, int, int, int]] = []  # each drawn word's ink box
+    y = rng.randint(2, 24)
+    while len(lines) < max_lines:
+        size = rng.randint(28, 56)
+        font = ImageFont.load_default(size)
+        bottom = font.getbbox("Ag")[3]
+        if y + bottom > height - 2:
+            break
+        x, line = rng.randint(2, 32), []
+        while len(line) < max_per_line:
+            word = rng.choice(words)
+            left, top_w, right, bottom_w = font.getbbox(word)
+            if x + right > width - 2:
+                break
+            draw.text((x, y), word, fill=(0, 0, 0), font=font)
+            line.append(word)
+            boxes.append((x + left, y + top_w, x + right, y + bottom_w))
+            x += right + rng.randint(size // 3, 2 * size)
+        if line:
+            lines.append(line)
+        y += bottom + rng.randint(2, size)
+    if not lines:  # nothing fitted (a long word in a large font on a narrow image)
+        return make_reading(rng, words)
+    text = "\n".join(" ".join(line) for line in lines)
+    return Sample(task="page", image=image, prompt=READ_PROMPT, answer=text, meta={"lines": lines, "boxes": boxes})
+
+
 class SyntheticSource(SampleSource):
-    """Item ``i`` of ``caption_<task>``, ``qa_<task>``, ``qa_reading_zoom``, ``caption_reading_zoom`` or
-    ``text``, generated from ``(name, seed, i)``. ``_zoom`` crops reading images around the word (:func:`zoom`)."""
+    """Item ``i`` of ``caption_<task>``, ``qa_<task>``, ``qa_reading_zoom``, ``caption_reading_zoom``,
+    ``qa_page`` or ``text``, generated from ``(name, seed, i)``. ``_zoom`` crops reading images around the
+    word (:func:`zoom`); ``qa_page`` reads a page of words (:func:`make_page`)."""
 
     shuffle = False
 
     def __init__(self, name: str, processor: Processor, mask_prompt: bool, seed: int = 0) -> None:
         base, zoomed = (name[:-len("_zoom")], True) if name.endswith("_zoom") else (name, False)
         kind, _, task = base.partition("_")
-        if ((kind not in ("caption", "qa") or task not in TASKS) and name != "text") or (zoomed and task != "reading"):
+        if ((kind not in ("caption", "qa") or task not in TASKS) and name not in ("text", "qa_page")) or (
+                zoomed and task != "reading"):
             raise ValueError(f"unknown synthetic source {name!r} (known: caption_<task>, qa_<task> for tasks "
-                             f"{', '.join(TASKS)}; qa_reading_zoom, caption_reading_zoom; text)")
+                             f"{', '.join(TASKS)}; qa_reading_zoom, caption_reading_zoom; qa_page; text)")
         self.name, self.kind, self.task, self.zoomed = name, kind, task, zoomed
         self.processor, self.mask_prompt, self.seed = processor, mask_prompt, seed
         self.words = load_words()
@@ -199,7 +247,7 @@ class SyntheticSource(SampleSource):
         if self.kind == "text":
             return [{"role": "user", "content": "Write an example."},
                     {"role": "assistant", "content": pure_text(rng, self.words)}]
-        sample = make_sample(self.task, rng, self.words)
+        sample = make_page(rng, self.words) if self.task == "page" else make_sample(self.task, rng, self.words)
         if self.zoomed:
             sample = zoom(sample, rng)
         if self.kind == "caption":
@@ -263,8 +311,34 @@ def sincos_2d(grid: int, width: int) -> torch.Tensor:
     return torch.cat([rows, cols], dim=-1).reshape(grid * grid, width).float()
 
 
+def mimetic_attention_(vision: torch.nn.Module, gen: torch.Generator, qk: tuple[float, float] = (0.3, 2.0),
+                       vo: tuple[float, float] = (0.4, 0.4)) -> None:
+    """Mimetic initialisation of the ViT's attention (Trockman & Kolter, ICML 2023): per head
+    ``W_q W_k^T ~ a Z + b I`` and for the layer ``W_proj W_v ~ a' Z' - b' I`` (``Z`` Gaussian with variance
+    1 / width), by SVD. With a position table whose nearby entries are similar (the sine-cosine one),
+    attention starts out looking at neighbouring patches, as a convolution would."""
+    with torch.no_grad():
+        _mimetic(vision, gen, qk, vo)
+
+
+def _mimetic(vision: torch.nn.Module, gen: torch.Generator, qk: tuple[float, float], vo: tuple[float, float]) -> None:
+    for block in vision.blocks:
+        attn = block.attn
+        c, h = attn.proj.weight.shape[0], attn.heads
+        d = c // h
+        w = attn.qkv.weight  # (3C, C): q, k, v rows, each grouped by head
+        for head in range(h):
+            u, sv, vt = torch.linalg.svd(qk[0] * torch.randn(c, c, generator=gen) / c ** 0.5 + qk[1] * torch.eye(c))
+            root = sv[:d].sqrt()
+            w[head * d:(head + 1) * d] = root[:, None] * u[:, :d].T
+            w[c + head * d:c + (head + 1) * d] = root[:, None] * vt[:d]
+        u, sv, vt = torch.linalg.svd(vo[0] * torch.randn(c, c, generator=gen) / c ** 0.5 - vo[1] * torch.eye(c))
+        w[2 * c:] = sv.sqrt()[:, None] * vt
+        attn.proj.weight.copy_(u * sv.sqrt()[None])
+
+
 def init_weights(model: torch.nn.Module, std: float, seed: int, pos_init: str = "normal",
-                 pos_scale: float = 1.0) -> None:
+                 pos_scale: float = 1.0, attn_init: str = "normal") -> None:
     """From-scratch init: norms at 1 / 0, biases 0, every other tensor N(0, std) from ``seed``.
 
     ``pos_init = "sincos"`` starts the ViT's position table at ``pos_scale`` times :func:`sincos_2d` instead
@@ -274,6 +348,8 @@ def init_weights(model: torch.nn.Module, std: float, seed: int, pos_init: str = 
 
     if pos_init not in ("normal", "sincos"):
         raise DSVL2Error(f"recipe [model] pos_init = {pos_init!r}: expected 'normal' or 'sincos'")
+    if attn_init not in ("normal", "mimetic"):
+        raise DSVL2Error(f"recipe [model] attn_init = {attn_init!r}: expected 'normal' or 'mimetic'")
     gen = torch.Generator().manual_seed(seed)
     norms = set()
     for mod in model.modules():
@@ -293,6 +369,8 @@ def init_weights(model: torch.nn.Module, std: float, seed: int, pos_init: str = 
         if pos_init == "sincos":
             vision = model.vision
             vision.pos_embed.copy_(pos_scale * sincos_2d(vision.cfg.grid, vision.cfg.width)[None])
+        if attn_init == "mimetic":
+            mimetic_attention_(model.vision, gen)
 
 
 def smoke_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -331,7 +409,8 @@ def build(out: Path, work: Path, smoke: bool = False, workers: int = 1, eval_n: 
     processor = Processor(tokenizer, pcfg)
     torch.manual_seed(m["seed"])
     model = DSVL2(cfg)
-    init_weights(model, m["init_std"], m["seed"], m.get("pos_init", "normal"), m.get("pos_scale", 1.0))
+    init_weights(model, m["init_std"], m["seed"], m.get("pos_init", "normal"), m.get("pos_scale", 1.0),
+                 m.get("attn_init", "normal"))
     model.to(device)
     stages = [recipe["stages"][n] for n in (1, 2, 3)]
     t0 = time.time()
