@@ -32,9 +32,10 @@ from random import Random
 from typing import Any
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from dsvl2.config import DSVL2Config, LanguageConfig, ProjectorConfig, VisionConfig
-from dsvl2.demo.tasks import COLOURS, SHAPES, TASKS, generate, load_words, make_sample
+from dsvl2.demo.tasks import COLOURS, SHAPES, TASKS, Sample, generate, load_words, make_reading, make_sample
 from dsvl2.errors import DSVL2Error
 from dsvl2.processing.grounding import format_det
 from dsvl2.processing.processor import Processor, ProcessorConfig
@@ -178,7 +179,7 @@ def zoom(sample: Any, rng: Random) -> Any:
 READ_PROMPT = "<image>\nRead the text in the image."
 
 
-def make_page(rng: Random, words: Sequence[str], max_lines: int = 8, max_per_line: int = 4) -> Any:
+def make_page(rng: Random, words: Sequence[str], max_lines: int = 8, max_per_line: int = 4) -> Sample:
     """A page of the reading task's words: lines of words in the task's fonts (28-56 px, one size per
     line) on a white image of the task's sizes; the answer is the text, lines top to bottom.
 
@@ -186,10 +187,6 @@ def make_page(rng: Random, words: Sequence[str], max_lines: int = 8, max_per_lin
     shows one, under the same prompt ("Read the text in the image."), so the one-word task is the
     page task with a single word. Words are separated by spaces and lines by newlines, which the demo
     tokenizer keeps as their own tokens: a word is the same token here as in a one-word answer."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from dsvl2.demo.tasks import Sample, make_reading
-
     width, height = rng.randint(200, 512), rng.randint(200, 512)
     image = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(image)
@@ -317,24 +314,20 @@ def mimetic_attention_(vision: torch.nn.Module, gen: torch.Generator, qk: tuple[
     ``W_q W_k^T ~ a Z + b I`` and for the layer ``W_proj W_v ~ a' Z' - b' I`` (``Z`` Gaussian with variance
     1 / width), by SVD. With a position table whose nearby entries are similar (the sine-cosine one),
     attention starts out looking at neighbouring patches, as a convolution would."""
-    with torch.no_grad():
-        _mimetic(vision, gen, qk, vo)
-
-
-def _mimetic(vision: torch.nn.Module, gen: torch.Generator, qk: tuple[float, float], vo: tuple[float, float]) -> None:
     for block in vision.blocks:
         attn = block.attn
         c, h = attn.proj.weight.shape[0], attn.heads
         d = c // h
-        w = attn.qkv.weight  # (3C, C): q, k, v rows, each grouped by head
-        for head in range(h):
-            u, sv, vt = torch.linalg.svd(qk[0] * torch.randn(c, c, generator=gen) / c ** 0.5 + qk[1] * torch.eye(c))
-            root = sv[:d].sqrt()
-            w[head * d:(head + 1) * d] = root[:, None] * u[:, :d].T
-            w[c + head * d:c + (head + 1) * d] = root[:, None] * vt[:d]
-        u, sv, vt = torch.linalg.svd(vo[0] * torch.randn(c, c, generator=gen) / c ** 0.5 - vo[1] * torch.eye(c))
-        w[2 * c:] = sv.sqrt()[:, None] * vt
-        attn.proj.weight.copy_(u * sv.sqrt()[None])
+        with torch.no_grad():
+            w = attn.qkv.weight  # (3C, C): q, k, v rows, each grouped by head
+            for head in range(h):  # W_q^T W_k = the rank-d part of a Z + b I
+                u, sv, vt = torch.linalg.svd(qk[0] * torch.randn(c, c, generator=gen) / c ** 0.5 + qk[1] * torch.eye(c))
+                root = sv[:d].sqrt()
+                w[head * d:(head + 1) * d] = root[:, None] * u[:, :d].T
+                w[c + head * d:c + (head + 1) * d] = root[:, None] * vt[:d]
+            u, sv, vt = torch.linalg.svd(vo[0] * torch.randn(c, c, generator=gen) / c ** 0.5 - vo[1] * torch.eye(c))
+            w[2 * c:] = sv.sqrt()[:, None] * vt  # W_proj W_v = a' Z' - b' I, full rank
+            attn.proj.weight.copy_(u * sv.sqrt()[None])
 
 
 def init_weights(model: torch.nn.Module, std: float, seed: int, pos_init: str = "normal",
@@ -343,7 +336,8 @@ def init_weights(model: torch.nn.Module, std: float, seed: int, pos_init: str = 
 
     ``pos_init = "sincos"`` starts the ViT's position table at ``pos_scale`` times :func:`sincos_2d` instead
     (still trained): every patch then knows where it is from the first step, which grounding and charts
-    need and a random table has to learn first."""
+    need and a random table has to learn first. ``attn_init = "mimetic"`` then sets the ViT's attention
+    weights by :func:`mimetic_attention_` (drawn from the same generator)."""
     from dsvl2.model.layers import RMSNorm
 
     if pos_init not in ("normal", "sincos"):
