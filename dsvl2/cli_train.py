@@ -90,6 +90,13 @@ def _data_paths(args: argparse.Namespace, stage, recipe_sources: dict[str, str])
 
 def train_main(args: argparse.Namespace) -> int:
     """Run ``dsvl2 train``; returns the exit status."""
+    from dsvl2.training.loop import denormals_flushed
+
+    with denormals_flushed():  # before torch starts its threads, so that they inherit the mode
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     import torch
 
     from dsvl2.checkpoint import load_model

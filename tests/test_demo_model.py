@@ -13,9 +13,16 @@ from dsvl2.demo.build import build
 from dsvl2.demo.tasks import load_words, make_sample
 
 
-def test_smoke_build_writes_a_loadable_model_with_card(tmp_path):
+def test_smoke_build_writes_a_loadable_model_with_card(tmp_path, monkeypatch):
+    from dsvl2.training import loop
+
+    flushing = []  # the stages train with float32 denormals flushed (denormals_flushed), then it is restored
+    real = loop.run_stages
+    monkeypatch.setattr(loop, "run_stages", lambda *a, **k: flushing.append(torch.tensor([1e-39]).item() == 0.0)
+                        or real(*a, **k))
     torch.set_num_threads(1)
     card = build(tmp_path / "model", tmp_path / "work", smoke=True, workers=0, eval_n=1)
+    assert flushing == [True, True, True] and torch.tensor([1e-39]).item() != 0.0
     out = tmp_path / "model"
     for name in ("config.json", "tokenizer.json", "processor_config.json", "README.md", "loss.png", "recipe.toml",
                  "scores.json"):

@@ -52,7 +52,13 @@ def test_train_command_writes_metrics_curve_and_a_loadable_model(setup, tmp_path
     assert pipe.model.cfg.language_config.vocab_size == 384
 
 
-def test_lora_command_writes_an_adapter(setup, tmp_path):
+def test_lora_command_writes_an_adapter(setup, tmp_path, monkeypatch):
+    from dsvl2.training import loop
+
+    flushing = []  # the command trains with float32 denormals flushed (denormals_flushed), then restores
+    real_train = loop.train
+    monkeypatch.setattr(loop, "train", lambda *a, **k: flushing.append(torch.tensor([1e-39]).item() == 0.0)
+                        or real_train(*a, **k))
     root, _, _ = setup
     argv = ["--stage", "3", "--preset", "toy", "--tokenizer", str(root / "tok"),
             "--data", f"sft={root / 'data' / 'conversations.jsonl'}", "--out", str(tmp_path / "run"), "--steps", "1",
@@ -60,6 +66,7 @@ def test_lora_command_writes_an_adapter(setup, tmp_path):
     assert train_main(_args(argv)) == 0
     assert (tmp_path / "run" / "final_adapter" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "run" / "final").exists()
+    assert flushing == [True] and torch.tensor([1e-39]).item() != 0.0
 
 
 def test_export_loads_with_dsvl2_load_and_gives_the_same_logits(setup, tmp_path):

@@ -49,6 +49,24 @@ TRAINER_STATE = "trainer.pt"
 
 
 # ---- loss -----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def denormals_flushed() -> Iterator[None]:
+    """Inside: float32 denormals count as zero on the CPU (FTZ/DAZ); the previous mode is restored after.
+
+    As a model trains, attention sharpens and softmax starts producing probabilities below 1e-38,
+    which x86 CPUs compute ~100x slower. In the demo build's ViT, the flash-attention backward took
+    3.4x longer at step 2,000 than at step 50 for this reason (docs/training.md). Worker threads copy
+    the mode of the thread that creates them, so enter this before torch first runs something in
+    parallel (the entry points do); in a process whose threads exist already, only this thread changes.
+    """
+    before = torch.tensor([1e-39]).item() == 0.0  # a float32 denormal reads back as 0 when flushing
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
+
+
 def additive_mask(seq_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, T) sample ids -> (B, 1, T, T) additive block-causal mask (0 allowed, finfo.min blocked)."""
     allowed = block_causal_mask(seq_ids)
