@@ -195,7 +195,7 @@ def test_a_packed_sample_sees_only_itself(setup):
 
 
 def test_denormals_flushed_zeroes_float32_denormals_inside_and_restores_the_mode():
-    """Sharpening softmaxes make denormals that x86 computes ~100x slower; training flushes them."""
+    """Sharpening softmaxes make denormals, which x86 computes slowly; training flushes them."""
     from dsvl2.training.loop import denormals_flushed
 
     tiny = torch.full((8,), 3e-39)  # below float32's smallest normal, 1.18e-38

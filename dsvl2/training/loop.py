@@ -51,10 +51,11 @@ TRAINER_STATE = "trainer.pt"
 # ---- loss -----------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def denormals_flushed() -> Iterator[None]:
-    """Inside: float32 denormals count as zero on the CPU (FTZ/DAZ); the previous mode is restored after.
+    """Inside: float32 denormals count as zero on the CPU (FTZ/DAZ); this thread's previous mode is
+    restored after (threads torch started inside keep the flushing mode).
 
     As a model trains, attention sharpens and softmax starts producing probabilities below 1e-38,
-    which x86 CPUs compute ~100x slower. In the demo build's ViT, the flash-attention backward took
+    which x86 CPUs compute through slow microcode assists. In the demo build's ViT, the flash-attention backward took
     3.4x longer at step 2,000 than at step 50 for this reason (docs/training.md). Worker threads copy
     the mode of the thread that creates them, so enter this before torch first runs something in
     parallel (the entry points do); in a process whose threads exist already, only this thread changes.
