@@ -41,6 +41,7 @@ from dsvl2.processing.grounding import format_det
 from dsvl2.processing.processor import Processor, ProcessorConfig
 from dsvl2.processing.tokenizer import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, Tokenizer
 from dsvl2.training.data import SampleSource, TokenizedSample
+from dsvl2.training.loop import denormals_flushed
 from dsvl2.training.stages import StageConfig, load_recipe
 
 RECIPE = Path(__file__).resolve().parents[1] / "training" / "recipes" / "demo.toml"
@@ -380,17 +381,10 @@ def smoke_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     return {**recipe, "model": model, "stages": stages}
 
 
+@denormals_flushed()  # entered before torch starts its threads, so that they inherit the mode
 def build(out: Path, work: Path, smoke: bool = False, workers: int = 1, eval_n: int = 100,
           threads: int | None = None, recipe_path: Path = RECIPE, device: str = "cpu") -> dict[str, Any]:
     """Tokenizer -> model -> stages 1-3 -> export -> held-out scores -> model card. Returns the card data."""
-    from dsvl2.training.loop import denormals_flushed
-
-    with denormals_flushed():  # before torch starts its threads, so that they inherit the mode
-        return _build(out, work, smoke, workers, eval_n, threads, recipe_path, device)
-
-
-def _build(out: Path, work: Path, smoke: bool, workers: int, eval_n: int, threads: int | None, recipe_path: Path,
-           device: str) -> dict[str, Any]:
     from dsvl2.model.vlm import DSVL2
     from dsvl2.pipeline import load
     from dsvl2.training.loop import export_model, plot_losses, run_stages
