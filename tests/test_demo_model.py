@@ -45,6 +45,13 @@ def test_build_cli_names_a_missing_recipe_and_an_absent_gpu(tmp_path, capsys, mo
     with pytest.raises(SystemExit) as exit_:
         main(["--out", str(tmp_path / "m"), "--device", "cuda"])
     assert exit_.value.code == 2 and "torch.cuda.is_available() is False" in capsys.readouterr().err
+    from dsvl2.demo.build import RECIPE  # a misspelt source of stage 3 stops the build before stage 1 trains
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(RECIPE.read_text().replace("qa_charts = 0.35", "qa_chart = 0.35"))
+    assert main(["--out", str(tmp_path / "m"), "--recipe", str(bad), "--smoke"]) == 2
+    assert "unknown synthetic source 'qa_chart'" in capsys.readouterr().err
+    assert not (tmp_path / "m.work" / "stage1").exists()
     assert not (tmp_path / "m").exists()
 
 

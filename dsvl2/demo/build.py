@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dsvl2.config import DSVL2Config, LanguageConfig, ProjectorConfig, VisionConfig
 from dsvl2.demo.tasks import COLOURS, SHAPES, TASKS, Sample, generate, load_words, make_reading, make_sample
-from dsvl2.errors import DSVL2Error
+from dsvl2.errors import DSVL2Error, InputError
 from dsvl2.processing.grounding import format_det
 from dsvl2.processing.processor import Processor, ProcessorConfig
 from dsvl2.processing.tokenizer import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, Tokenizer
@@ -231,7 +231,7 @@ class SyntheticSource(SampleSource):
         kind, _, task = base.partition("_")
         if ((kind not in ("caption", "qa") or task not in TASKS) and name not in ("text", "qa_page")) or (
                 zoomed and task != "reading"):
-            raise ValueError(f"unknown synthetic source {name!r} (known: caption_<task>, qa_<task> for tasks "
+            raise InputError(f"unknown synthetic source {name!r} (known: caption_<task>, qa_<task> for tasks "
                              f"{', '.join(TASKS)}; qa_reading_zoom, caption_reading_zoom; qa_page; text)")
         self.name, self.kind, self.task, self.zoomed = name, kind, task, zoomed
         self.processor, self.mask_prompt, self.seed = processor, mask_prompt, seed
@@ -411,9 +411,10 @@ def build(out: Path, work: Path, smoke: bool = False, workers: int = 1, eval_n: 
     stages = [recipe["stages"][n] for n in (1, 2, 3)]
     t0 = time.time()
     results = {}
-    for stage in stages:
-        results |= run_stages(model, [stage], sources_for(stage, processor, m["seed"]), work,
-                              pad_id=tokenizer.pad_id, workers=workers, device=device)
+    sources = [sources_for(stage, processor, m["seed"]) for stage in stages]  # a bad name fails before training
+    for stage, stage_sources in zip(stages, sources):
+        results |= run_stages(model, [stage], stage_sources, work, pad_id=tokenizer.pad_id, workers=workers,
+                              device=device)
     train_seconds = time.time() - t0
 
     staging = out.with_name(out.name + ".new")
