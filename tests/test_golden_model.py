@@ -5,8 +5,9 @@ the official run, every greedy token identical, and each step's top-64 logits wi
 bf16: text-only cases are bit-identical to the official run (same kernels, same op order). With
 images, the official run used torch 2.14's CPU kernels and ours are 2.13's: the bf16 ViT (SDPA,
 conv) rounds differently, and ~1000 image tokens amplify that, so as the golden README prescribes
-for other kernels we teacher-force the official tokens and compare logits loosely (0.5 on logits
-whose spread is several units) and require any top-1 disagreement to be a near-tie.
+for other kernels we teacher-force the official tokens and compare, on all 14 cases, our logits at
+the official top-64 token ids: mean deviation within 1.5-2 bf16 ulps and the official top-1 at every
+step whose official top-2 margin exceeds 8 ulps (derivation in ``test_bf16_parity_every_case``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ from golden_utils import STRUCTURES, cases, conversation, greedy, outputs, teach
 
 ATOL = 1e-4
 GREEDY_CASES = ("one_image_chart", "no_image", "multi_turn")
-# bf16 runs are slower; a sample covering text-only, 1/2/3 images, tiling extremes and grounding.
-BF16_CASES = ("no_image", "one_image_chart", "one_image_wide", "three_images", "grounding_ref", "multi_turn")
+# bf16 with images: bounds in units of a bf16 ulp at |logit| in [4, 8); derived in the bf16 test's docstring
+ULP = 2.0 ** -5
+MARGIN_BOUND = 8 * ULP
+CASE_MEAN = 2 * ULP
+STRUCTURE_MEAN = 1.5 * ULP
+GROSS = 1.5
 
 
 @pytest.fixture(scope="module", params=STRUCTURES)
@@ -81,23 +86,56 @@ def test_fp32_parity_every_case(fp32_pipe, golden_dir):
 
 
 def test_bf16_parity_every_case(bf16_pipe, golden_dir):
+    """All 14 cases in bf16, logits compared by token id (the golden top-64 ids of every step).
+
+    Text-only: the same kernels and op order as the official run, so bit-identical. With images the
+    official run used torch 2.14's CPU kernels and ours are 2.13's: the bf16 ViT rounds differently
+    (docs/parity.md), so the official tokens are teacher-forced and the comparison is statistical.
+
+    The noise bound. bf16 keeps 8 significant bits; every golden top-64 logit here is below 8 in
+    magnitude (asserted), so in [4, 8) one ulp is 2**-5 = 1/32 and two correct implementations that
+    round differently upstream differ by whole ulps of that size. Measured over the 13 image cases x
+    3 structures (docs/parity.md, "bf16 with images"): the deviation of a logit at a golden id is 0.021
+    on average (0.7 ulp), at most 0.038 averaged over one case and 0.026 over one structure; the
+    largest single deviation is 1.0 (noaux: a near-tied expert choice flips); our top-1 differs from
+    the official token only at steps whose official top-2 margin is <= 0.125 (4 ulp, ties included).
+    A top-1 swap needs the two logits' deviations to differ by more than the margin, so:
+
+    - ``MARGIN_BOUND`` = 8 ulp = 0.25, twice the largest margin seen to swap: at every step whose
+      official margin exceeds it our argmax must be the official token;
+    - mean |deviation| <= ``CASE_MEAN`` = 2 ulp per case and <= ``STRUCTURE_MEAN`` = 1.5 ulp over all
+      image steps of a structure (about 2x the measured values);
+    - no single logit further than ``GROSS`` = 1.5 (1.5x the largest routing-flip deviation).
+
+    Zeroing the local-canvas newline embedding (a mutation scripts/mutate.py applies) gives a mean
+    deviation of 0.066-0.095 per structure (2.1-3.0 ulp) and top-1 swaps at margins up to 0.28-0.41.
+    """
     structure, pipe = bf16_pipe
-    for case in (c for c in cases(golden_dir) if c["id"] in BF16_CASES):
+    image_devs = []
+    for case in cases(golden_dir):
         ref = outputs(golden_dir, structure, "bf16", case["id"])
         batch = pipe.processor(conversation(golden_dir, case))
         golden_ids = ref["generated_ids"].tolist()
         logits = teacher_forced_logits(pipe, batch, golden_ids)
         text_only = int(batch.images_spatial_crop.sum()) == 0
-        if text_only:
-            # Same kernels and op order as the official run: bit-identical.
+        if text_only:  # same kernels and op order as the official run: bit-identical
             for i, step in enumerate(logits):
-                np.testing.assert_array_equal(_top_values(step, 64), ref["step_topk_vals"][i])
+                np.testing.assert_array_equal(step.float().numpy()[ref["step_topk_ids"][i]], ref["step_topk_vals"][i])
             assert greedy(pipe, batch, len(golden_ids)) == golden_ids
             continue
-        first = np.abs(_top_values(logits[0], 256) - ref["prefill_logits_top256_vals"]).max()
-        assert first <= 0.15, f"{structure}/{case['id']}: prefill logits differ by {first}"
+        where = f"{structure}/{case['id']}"
+        case_devs = []
         for i, step in enumerate(logits):
-            diff = np.abs(_top_values(step, 64) - ref["step_topk_vals"][i]).max()
-            assert diff <= 0.5, f"{structure}/{case['id']} step {i}: top-64 logits differ by {diff}"
-            margin = float(step.max() - step[golden_ids[i]])
-            assert margin <= 0.5, f"{structure}/{case['id']} step {i}: golden token is {margin} below our top-1"
+            ids, vals = ref["step_topk_ids"][i], ref["step_topk_vals"][i].astype(np.float64)
+            assert np.abs(vals).max() < 8, f"{where}: logits above 8 change the ulp the bounds assume"
+            dev = np.abs(step.double().numpy()[ids] - vals)
+            assert dev.max() <= GROSS, f"{where} step {i}: a logit is {dev.max()} from the official one"
+            margin = vals[0] - vals[1]
+            if margin > MARGIN_BOUND:
+                assert int(step.argmax()) == golden_ids[i], f"{where} step {i}: top-1 differs, official margin {margin}"
+            case_devs.append(dev)
+        mean = float(np.mean(case_devs))
+        assert mean <= CASE_MEAN, f"{where}: logits deviate by {mean:.4f} on average"
+        image_devs += case_devs
+    mean = float(np.mean(image_devs))
+    assert len(image_devs) > 200 and mean <= STRUCTURE_MEAN, f"{structure}: mean deviation {mean:.4f}"
