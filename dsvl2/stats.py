@@ -76,8 +76,8 @@ def count_parameters(cfg: DSVL2Config) -> ParamCounts:
 def human(n: float, unit: str = "") -> str:
     """3 significant digits with K/M/B (counts) or KB/MB/GB (``unit="B"``, bytes, powers of 1000)."""
     suffixes = ("B", "KB", "MB", "GB", "TB") if unit == "B" else ("", "K", "M", "B", "T")
-    for suffix in suffixes:
+    for power, suffix in enumerate(suffixes):
         if abs(n) < 1000 or suffix == suffixes[-1]:
-            return f"{n:.3g}{suffix}" if suffix not in ("", "B") else f"{n:.0f}{suffix}"
+            return f"{n:.0f}{suffix}" if power == 0 else f"{n:.3g}{suffix}"  # whole units: no "1e+02"
         n /= 1000
     raise AssertionError("unreachable")

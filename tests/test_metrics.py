@@ -32,6 +32,9 @@ from dsvl2.evaluation.metrics import (
     ("hello", ["hallo"], 0.8),  # d = 1, L = 5 -> 1 - 1/5
     ("abxy", ["abcd"], 0.5),  # d = 2, L = 4 -> NL = 0.5 -> 1 - 0.5 = 0.5 is KEPT (only < 0.5 -> 0)
     ("xyc", ["abc"], 0.0),  # d = 2, L = 3 -> 1/3 < 0.5 -> 0
+    ("abxyz", ["abcde"], 0.0),  # d = 3, L = 5 -> 1 - 0.6 = 0.4 < 0.5 -> 0 (a 0.4 threshold would keep it)
+    ("abcdefghiXXXXXXXXXXX", ["abcdefghijklmnopqrst"], 0.0),  # d = 11, L = 20 -> 0.45 < 0.5 -> 0
+    ("abcdefghiXXXXXXXXXXX", ["abcdefghijklmnopqrst", "abcdefghijXXXXXXXXXX"], 0.95),  # min d = 1 -> 0.95
     ("abd", ["abc", "abd"], 1.0),  # min over golds
     ("  ab  ", ["abcd"], 1 - 2 / 6),  # d("ab", "abcd") = 2 but L uses the RAW prediction (6) -> 0.667, not 0.5
     ("xa", ["ßa"], 1 - 1 / 3),  # d = 1; L = len("SSA") = 3 (upper-cased, as both references) -> 0.667
