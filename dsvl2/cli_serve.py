@@ -175,10 +175,13 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    parser.add_argument("--constrain-boxes", action="store_true",
+                        help="keep <|det|> spans to the box grammar [[x1, y1, x2, y2], ...] (0-999 integers)")
 
 
 def _answer(pipe: Pipeline, history: list[dict[str, Any]], args: argparse.Namespace, out: IO[str]) -> str:
-    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+           "constrain_boxes": args.constrain_boxes}
     stop = stop_strings(pipe.tokenizer.eos_token)
     if args.stream:
         pieces = []
@@ -274,6 +277,9 @@ def add_ground_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, default=None, help="save the image with the boxes drawn here")
     parser.add_argument("--json", action="store_true", help="print the boxes as JSON")
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--no-constrain-boxes", dest="constrain_boxes", action="store_false",
+                        help="let the model write any text inside <|det|> (default: only well-formed box lists)")
 
 
 def ground_main(args: argparse.Namespace, out: IO[str] | None = None) -> int:
@@ -284,7 +290,8 @@ def ground_main(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     try:
         image = load_image(args.image)
         pipe = _load(args)
-        result = pipe.ground(image, args.expression, max_new_tokens=args.max_new_tokens)
+        result = pipe.ground(image, args.expression, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             constrain_boxes=args.constrain_boxes)
     except DSVL2Error as exc:
         return _fail(str(exc))
     boxes = [{"label": b.label, "box": list(b.to_pixels(*image.size)), "box_999": [b.x1, b.y1, b.x2, b.y2]}

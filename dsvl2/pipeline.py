@@ -23,6 +23,7 @@ from PIL import Image
 
 from .checkpoint import load_model
 from .errors import InputError
+from .generation.constraints import BoxConstraint, LogitsProcessor, box_automaton
 from .generation.generate import GenerateArgs, generate
 from .model.vlm import DSVL2
 from .processing.grounding import GroundingResult, parse_grounding
@@ -120,7 +121,7 @@ class Pipeline:
         reasons = ["length"] * b
         hold = max((len(s) for s in stop), default=1) - 1
         steps = generate(self.model, batch.input_ids, batch.attention_mask, batch.images, batch.images_seq_mask,
-                         batch.images_spatial_crop, args, eos)
+                         batch.images_spatial_crop, args, eos, processors=self.processors(args, b))
         try:
             for step in steps:
                 for r, tok in enumerate(step.tokens.tolist()):
@@ -155,6 +156,14 @@ class Pipeline:
                 yield r, texts[r][emitted[r]:]
             out.append(Completion(texts[r], ids[r], reasons[r], int(prompt_lens[r])))
         yield out
+
+    def processors(self, args: GenerateArgs, batch_size: int) -> list[LogitsProcessor]:
+        """The logits processors ``args`` asks for (``constrain_boxes``: the box grammar)."""
+        out: list[LogitsProcessor] = []
+        if args.constrain_boxes:
+            automaton = box_automaton(self.tokenizer, self.model.cfg.language_config.vocab_size)
+            out.append(BoxConstraint(automaton, batch_size, self.model.device))
+        return out
 
     def _run(self, batch: Batch, args: GenerateArgs, stop: Sequence[str], skip_special_tokens: bool) -> list[Completion]:
         result: list[Completion] = []
@@ -195,7 +204,11 @@ class Pipeline:
         return [c.text for c in self._run(batch, args, stop, skip_special_tokens)]
 
     def ground(self, image: ImageLike, expression: str, **gen: Any) -> GroundingResult:
-        """Locate ``expression`` in ``image``: boxes in 0-999 coordinates (``Box.to_pixels`` for pixels)."""
+        """Locate ``expression`` in ``image``: boxes in 0-999 coordinates (``Box.to_pixels`` for pixels).
+
+        Box-constrained decoding is on unless ``constrain_boxes=False`` is given.
+        """
+        gen.setdefault("constrain_boxes", True)
         text = self.chat(f"<image>\n<|ref|>{expression}<|/ref|>.", [image], skip_special_tokens=False, **gen)
         return parse_grounding(text)
 

@@ -176,7 +176,7 @@ def create_app(pipe: Pipeline, args: ServeArgs | None = None) -> FastAPI:
                           "max_tokens", "context_length_exceeded")
         try:
             gen = GenerateArgs(max_tokens, req.temperature, req.top_p, req.top_k, req.repetition_penalty, req.seed,
-                               args.chunk_size)
+                               args.chunk_size, constrain_boxes=req.constrain_boxes)
             _ = gen.sampling  # SamplingParams checks the values
         except InputError as exc:
             raise invalid(str(exc), code="invalid_value") from exc

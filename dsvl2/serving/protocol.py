@@ -5,8 +5,8 @@ with ``text`` / ``image_url`` content parts, SSE chunks ending in ``data: [DONE]
 error bodies ``{"error": {"message", "type", "param", "code"}}``. Everything a client can get wrong
 raises :class:`APIError` with the status and code the server returns (never a 500).
 
-dsvl2 extensions (documented in docs/serving.md): the request may carry ``top_k`` and
-``repetition_penalty``; an answer with ``<|det|>`` boxes carries ``message.grounding`` (stream: the
+dsvl2 extensions (documented in docs/serving.md): the request may carry ``top_k``,
+``repetition_penalty`` and ``constrain_boxes`` (default true: ``<|det|>`` spans follow the box grammar); an answer with ``<|det|>`` boxes carries ``message.grounding`` (stream: the
 last chunk's ``delta.grounding``), a list of :func:`grounding_entries`. Images are placed before the
 text of their turn (``"<image>\\n"`` per image, as the official web demo and vLLM do) unless the text
 holds its own ``<image>`` placeholders.
@@ -76,6 +76,7 @@ class ChatRequest:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    constrain_boxes: bool = True  # dsvl2 extension: <|det|> spans kept to the box grammar
 
     @property
     def image_urls(self) -> list[str]:
@@ -110,6 +111,7 @@ class ChatRequest:
             repetition_penalty=_number(body, "repetition_penalty", float, 1.0),
             seed=None if body.get("seed") is None else _number(body, "seed", int, 0),
             stop=_stop(body.get("stop")),
+            constrain_boxes=_flag(body, "constrain_boxes", True),
         )
         if req.max_tokens is not None and req.max_tokens < 1:
             raise invalid("max_tokens must be at least 1", "max_tokens", "invalid_value")
@@ -126,10 +128,10 @@ class ChatRequest:
         return req
 
 
-def _flag(body: dict[str, Any], key: str) -> bool:
-    value = body.get(key, False)
+def _flag(body: dict[str, Any], key: str, default: bool = False) -> bool:
+    value = body.get(key, default)
     if value is None:
-        return False
+        return default
     if not isinstance(value, bool):
         raise invalid(f"{key!r} must be a boolean", key, "invalid_type", 422)
     return value
