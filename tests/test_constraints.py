@@ -28,12 +28,15 @@ from dsvl2.processing.grounding import parse_grounding
 VOCAB = ["[", "]", ",", " ", *"0123456789", "[[", "]]", ", ", "12", "abc", "<|det|>", "<|/det|>", "<eos>", "",
          "1000"]
 DET, DET_END, EOS = VOCAB.index("<|det|>"), VOCAB.index("<|/det|>"), VOCAB.index("<eos>")
+
+
 def broken(text):
     """Parse problems other than corners out of order (which the parser repairs by sorting)."""
     return [e for e in parse_grounding(text).errors if "swapped" not in e]
 
 
-BOX = re.compile(r"<\|det\|>\[\[\d{1,3}, ?\d{1,3}, ?\d{1,3}, ?\d{1,3}\](, ?\[\d{1,3}, ?\d{1,3}, ?\d{1,3}, ?\d{1,3}\])*\]<\|/det\|>")
+_LIST = r"\[\d{1,3}, ?\d{1,3}, ?\d{1,3}, ?\d{1,3}\]"
+BOX = re.compile(rf"<\|det\|>\[{_LIST}(, ?{_LIST})*\]<\|/det\|>")
 
 
 @pytest.fixture(scope="module")
