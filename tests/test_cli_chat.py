@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,8 @@ def test_streamed_chat_prints_the_same(cached: ScriptedPipeline, image: Path) ->
 def test_repl_keeps_history_and_commands(cached: ScriptedPipeline, image: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[dict[str, Any]]] = []
-    real_chat = cached.chat
-    monkeypatch.setattr(cached, "chat", lambda messages, **kw: seen.append(list(messages)) or real_chat(messages, **kw))
+    real = cached.conversation
+    monkeypatch.setattr(cached, "conversation", lambda messages, *a: seen.append(list(messages)) or real(messages, *a))
     lines = [f"/image {image}", "/image /no/such.png", "What is it?", "", "And now?", "/reset", "Hello", "/quit",
              "ignored"]
     stdin = io.StringIO("\n".join(lines) + "\n")
@@ -81,6 +82,11 @@ def test_repl_keeps_history_and_commands(cached: ScriptedPipeline, image: Path,
     assert seen[1][1]["role"] == "assistant" and seen[1][1]["content"]
     text = out.getvalue()
     assert "attached to the next question" in text and "no such file" in text and "conversation cleared" in text
+    # after each turn: the context used (with the image's tokens) and what is left
+    used = re.findall(r"\[context: (\d+) of 4096 tokens used( \(images (\d+)\))?, (\d+) left\]", text)
+    assert len(used) == 3 and used[0][2] and not used[2][1]
+    assert all(int(u) + int(left) == 4096 for u, _, _, left in used)
+    assert int(used[1][0]) > int(used[0][0])  # turn 2 carries turn 1 and its answer
 
 
 def _red_at(path: Path, xy: tuple[int, int]) -> bool:
