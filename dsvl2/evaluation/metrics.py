@@ -19,7 +19,8 @@ disagree the choice is stated here and in ``docs/evaluation.md``:
 - :func:`extract_choice` (AI2D, MMStar, MMBench, MMMU): VLMEvalKit ``can_infer`` as of Dec 2024,
   the version DeepSeek evaluated with (no LLM judge; later versions add a "last 5 tokens" rule).
 - :func:`iou` / :func:`grounding_hit` (RefCOCO family, demo grounding): 0-999 boxes parsed by
-  :func:`dsvl2.processing.grounding.parse_grounding`, converted with ``Box.to_pixels``
+  :func:`dsvl2.processing.grounding.parse_grounding` (numbers as the official parser reads them,
+  non-integer and negative included, then clipped), converted with ``Box.to_pixels``
   (``int(v / 999 * W)``), hit iff IoU with the gold pixel box >= 0.5 on the first box.
 
 :func:`score` dispatches on a task name; it scores the text as given (the DeepSeek wrapper's
@@ -266,15 +267,19 @@ def first_box(prediction: str, width: int, height: int) -> tuple[int, int, int, 
 
     Parsed with the core's :func:`~dsvl2.processing.grounding.parse_grounding` (decode with special
     tokens kept). Without any ``<|det|>`` tag (special tokens skipped) the whole text is read as a
-    det body, i.e. the first ``[x1, y1, x2, y2]`` list. The first list must be well-formed: the
-    parser's repairs (value outside 0-999 clamped, corners swapped) and a wrong count of numbers
-    make it a miss, as eval-datasets.md 3.10 asks for malformed outputs.
+    det body, i.e. the first ``[x1, y1, x2, y2]`` list. Numbers are read as the official parser
+    reads them (it evaluates the list as Python): non-integers and negatives count, and values are
+    then clipped to the image (0-999), so ``[[-3, 10, 400, 500]]`` is the box from x = 0 and
+    ``[[162.5, 328, 540.2, 966]]`` is kept as written. A first list with a wrong count of numbers,
+    a value that is not a number, or corners out of order (x2 < x1, which the parser would sort)
+    is a miss, as eval-datasets.md 3.10 asks for malformed outputs.
     """
     from dsvl2.processing.grounding import DET, DET_END, parse_grounding
 
     text = prediction if DET in prediction else f"{DET}{prediction}{DET_END}"
     parsed = parse_grounding(text)
-    if re.search(r"^det 0\b.*\bbox 0:", "\n".join(parsed.errors), flags=re.MULTILINE) or not parsed.boxes:
+    first = [e for e in parsed.errors if re.match(r"det 0\b.*\bbox 0:", e) and not e.endswith("clamped")]
+    if first or not parsed.boxes:
         return None
     return parsed.boxes[0].to_pixels(width, height)
 
