@@ -18,6 +18,8 @@ disagree the choice is stated here and in ``docs/evaluation.md``:
   (substring match; no full-width folding, a 2026 lmms-eval addition).
 - :func:`extract_choice` (AI2D, MMStar, MMBench, MMMU): VLMEvalKit ``can_infer`` as of Dec 2024,
   the version DeepSeek evaluated with (no LLM judge; later versions add a "last 5 tokens" rule).
+- MathVista: the official ``extract_answer`` (rule part) + ``normalize_extracted_answer`` in
+  :mod:`dsvl2.evaluation.mathvista` (an offline rule replaces its GPT-4 extractor).
 - :func:`iou` / :func:`grounding_hit` (RefCOCO family, demo grounding): 0-999 boxes parsed by
   :func:`dsvl2.processing.grounding.parse_grounding` (numbers as the official parser reads them,
   non-integer and negative included, then clipped), converted with ``Box.to_pixels``
@@ -342,6 +344,9 @@ def score(task: str, prediction: str, answers: Any, **extra: Any) -> float:
                                     {A: gold, B: "Other Answers"}, gold letter A
     refcoco, refcoco+, refcocog,    gold pixel box ``[x1, y1, x2, y2]`` (or ``[box]``);
     demo_grounding                  ``width``, ``height`` of the image -> :func:`grounding_hit`
+    mathvista                       gold answer string (a choice TEXT for multiple choice);
+                                    ``question_type``, ``answer_type``, ``choices`` (list),
+                                    ``precision`` -> :func:`dsvl2.evaluation.mathvista.mathvista_match`
     demo_reading                    answer string -> :func:`exact_match`
     demo_charts                     answer integer -> :func:`integer_match`
     ==============================  =========================================================
@@ -371,9 +376,18 @@ def score(task: str, prediction: str, answers: Any, **extra: Any) -> float:
         if "width" not in extra or "height" not in extra:
             raise InputError(f"{task}: score() needs the image width= and height=")
         return grounding_hit(prediction, _gold_box(answers), int(extra["width"]), int(extra["height"]))
+    if name == "mathvista":
+        from dsvl2.evaluation.mathvista import mathvista_match  # it builds on this module
+
+        gold = answers[0] if isinstance(answers, (list, tuple)) else answers
+        if "question_type" not in extra or "answer_type" not in extra:
+            raise InputError(f"{task}: score() needs question_type= and answer_type=")
+        return mathvista_match(prediction, str(gold), extra["question_type"], extra["answer_type"],
+                               extra.get("choices"), extra.get("precision"))
     if name == "demo_reading":
         return exact_match(prediction, answers)
     if name == "demo_charts":
         return integer_match(prediction, answers)
     raise InputError(f"unknown task {task!r} for score(); known: docvqa, infovqa, chartqa, textvqa, "
-                     f"ocrbench, {', '.join(MCQ_TASKS)}, {', '.join(GROUNDING_TASKS)}, demo_reading, demo_charts")
+                     f"ocrbench, {', '.join(MCQ_TASKS)}, {', '.join(GROUNDING_TASKS)}, mathvista, demo_reading, "
+                     "demo_charts")
