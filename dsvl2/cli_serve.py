@@ -296,6 +296,8 @@ def add_ground_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--no-constrain-boxes", dest="constrain_boxes", action="store_false",
                         help="let the model write any text inside <|det|> (default: only well-formed box lists)")
+    parser.add_argument("--ordered-boxes", action="store_true",
+                        help="also keep x1 <= x2 and y1 <= y2 in every box (slower per token; docs/grounding.md)")
 
 
 def ground_main(args: argparse.Namespace, out: IO[str] | None = None) -> int:
@@ -307,7 +309,7 @@ def ground_main(args: argparse.Namespace, out: IO[str] | None = None) -> int:
         image = load_image(args.image)
         pipe = _load(args)
         result = pipe.ground(image, args.expression, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             constrain_boxes=args.constrain_boxes)
+                             constrain_boxes=args.constrain_boxes, ordered_boxes=args.ordered_boxes)
     except DSVL2Error as exc:
         return _fail(str(exc))
     boxes = [{"label": b.label, "box": list(b.to_pixels(*image.size)), "box_999": [b.x1, b.y1, b.x2, b.y2]}

@@ -23,6 +23,7 @@ from PIL import Image
 
 from .checkpoint import load_model
 from .errors import ContextLengthError, InputError
+from .generation.box_order import OrderedBoxConstraint
 from .generation.constraints import BoxConstraint, LogitsProcessor, box_automaton
 from .generation.generate import GenerateArgs, generate
 from .model.vlm import DSVL2
@@ -217,11 +218,13 @@ class Pipeline:
         yield out
 
     def processors(self, args: GenerateArgs, batch_size: int) -> list[LogitsProcessor]:
-        """The logits processors ``args`` asks for (``constrain_boxes``: the box grammar)."""
+        """The logits processors ``args`` asks for (``constrain_boxes``: the box grammar;
+        ``ordered_boxes``: also x1 <= x2 and y1 <= y2)."""
         out: list[LogitsProcessor] = []
-        if args.constrain_boxes:
+        if args.constrain_boxes or args.ordered_boxes:
             automaton = box_automaton(self.tokenizer, self.model.cfg.language_config.vocab_size)
-            out.append(BoxConstraint(automaton, batch_size, self.model.device))
+            kind = OrderedBoxConstraint if args.ordered_boxes else BoxConstraint
+            out.append(kind(automaton, batch_size, self.model.device))
         return out
 
     def _run(self, batch: Batch, args: GenerateArgs, stop: Sequence[str], skip_special_tokens: bool) -> list[Completion]:

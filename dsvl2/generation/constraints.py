@@ -107,7 +107,7 @@ def step_text(state: int, text: str) -> int:
     return state
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: cached per tokenizer, and caches built on it
 class BoxAutomaton:
     """Token-level tables of the box grammar for one tokenizer and vocabulary width."""
 
@@ -115,6 +115,7 @@ class BoxAutomaton:
     cost: torch.Tensor  # (N_STATES, V) int16: fewest tokens from that next state back outside
     det_id: int
     det_end_id: int
+    candidates: dict[int, str] = field(default_factory=dict, repr=False)  # id -> text of the grammar's tokens
     _devices: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,6 +135,19 @@ class BoxAutomaton:
         return state == OUTSIDE
 
 
+def distances_to_outside(nxt: np.ndarray) -> np.ndarray:
+    """Fewest tokens from each state back outside a span (Bellman-Ford over unit-cost token edges)."""
+    dist = np.full(N_STATES, UNREACHABLE, dtype=np.int64)
+    dist[OUTSIDE] = 0
+    for _ in range(N_STATES):
+        best = np.minimum(dist, 1 + dist[nxt].min(axis=1))
+        best[OUTSIDE], best[DEAD] = 0, UNREACHABLE
+        if np.array_equal(best, dist):
+            break
+        dist = np.minimum(best, UNREACHABLE)
+    return dist
+
+
 def build_box_automaton(token_texts: Sequence[str], vocab_size: int, det_id: int, det_end_id: int) -> BoxAutomaton:
     """Tables for a vocabulary whose token ``i`` writes ``token_texts[i]`` (ids past the list: nothing)."""
     nxt = np.full((N_STATES, vocab_size), DEAD, dtype=np.int64)
@@ -141,24 +155,19 @@ def build_box_automaton(token_texts: Sequence[str], vocab_size: int, det_id: int
     nxt[OUTSIDE, det_id] = START
     nxt[CLOSED, det_end_id] = OUTSIDE
     grammar = set("[], 0123456789")
+    candidates = {}
     for i, text in enumerate(token_texts[:vocab_size]):
         if i in (det_id, det_end_id) or not text or not set(text) <= grammar:
             continue
+        candidates[i] = text
         for s in range(START, CLOSED):
             nxt[s, i] = step_text(s, text)
-    dist = np.full(N_STATES, UNREACHABLE, dtype=np.int64)
-    dist[OUTSIDE] = 0
-    for _ in range(N_STATES):  # Bellman-Ford over unit-cost token edges
-        best = np.minimum(dist, 1 + dist[nxt].min(axis=1))
-        best[OUTSIDE], best[DEAD] = 0, UNREACHABLE
-        if np.array_equal(best, dist):
-            break
-        dist = np.minimum(best, UNREACHABLE)
+    dist = distances_to_outside(nxt)
     if dist[START] >= UNREACHABLE:
         raise TokenizerError("the tokenizer cannot write a box list [[x1, y1, x2, y2]] followed by <|/det|> "
                              "(no tokens for '[', digits, ',' or ']'): box-constrained decoding is impossible")
     cost = np.minimum(dist[nxt], UNREACHABLE).astype(np.int16)
-    return BoxAutomaton(torch.from_numpy(nxt), torch.from_numpy(cost), det_id, det_end_id)
+    return BoxAutomaton(torch.from_numpy(nxt), torch.from_numpy(cost), det_id, det_end_id, candidates)
 
 
 @functools.lru_cache(maxsize=8)
