@@ -36,8 +36,8 @@ class GenerateArgs:
     expanded_prefill: bool = False  # decompressed-MLA prefill (faster on long prompts; bf16-close)
     compile: bool = False  # decode through torch.compile (opt-in: bf16-close, not bit-identical)
     fused_attention: bool = False  # SDPA kernels in prefill and decode (faster, bf16-close; implies expanded)
-    constrain_boxes: bool = False  # <|det|> spans follow the box grammar (generation.constraints; the pipeline builds it)
-    ordered_boxes: bool = False  # ... and every box has x1 <= x2, y1 <= y2 (generation.box_order; implies constrain_boxes)
+    constrain_boxes: bool = False  # <|det|> spans follow the box grammar (generation.constraints; built by the pipeline)
+    ordered_boxes: bool = False  # ... and x1 <= x2, y1 <= y2 in every box (generation.box_order; implies constrain)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
