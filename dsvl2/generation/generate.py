@@ -36,7 +36,7 @@ class GenerateArgs:
     expanded_prefill: bool = False  # decompressed-MLA prefill (faster on long prompts; bf16-close)
     compile: bool = False  # decode through torch.compile (opt-in: bf16-close, not bit-identical)
     fused_attention: bool = False  # SDPA kernels in prefill and decode (faster, bf16-close; implies expanded)
-    constrain_boxes: bool = False  # <|det|> spans follow the box grammar (generation.constraints; built by the pipeline)
+    constrain_boxes: bool = False  # <|det|> spans follow the box grammar (generation.constraints; built in pipeline)
     ordered_boxes: bool = False  # ... and x1 <= x2, y1 <= y2 in every box (generation.box_order; implies constrain)
 
     def __post_init__(self) -> None:
