@@ -167,3 +167,23 @@ def test_quantize_flag_loads_an_int8_model(golden_dir: Path, image: Path, pipe: 
     assert any(isinstance(m, Int8Linear) for m in loaded[0].model.modules())
     with pytest.raises(SystemExit):  # an unknown mode is refused by the parser, naming the choices
         parse(cli_serve.add_chat_arguments, ["--quantize", "int4", "q"])
+
+
+def test_chat_budget_and_truncate_flags_reach_the_pipeline(cached: ScriptedPipeline, tmp_path: Path) -> None:
+    from PIL import Image
+
+    paths = []
+    for i, size in enumerate(((800, 600), (800, 600), (1240, 1754))):
+        paths.append(tmp_path / f"p{i}.png")
+        Image.new("RGB", size, (20 * i, 90, 200)).save(paths[-1])
+    argv = ["--max-new-tokens", "3", "--image-token-budget", "2500", "--truncate", "oldest",
+            *(x for p in paths for x in ("--image", str(p))), "Compare."]
+    args = parse(cli_serve.add_chat_arguments, argv)
+    assert args.image_token_budget == 2500 and args.truncate == "oldest"
+    out = io.StringIO()
+    assert cli_serve.chat_main(args, out=out) == 0
+    expected = cached.complete([{"role": "user", "content": "Compare.", "images": paths}], max_new_tokens=3,
+                               stop=stop_strings(cached.tokenizer.eos_token), skip_special_tokens=False,
+                               image_token_budget=2500)
+    assert out.getvalue() == expected.text + "\n"
+    assert sum(expected.image_tokens) <= 2500 and expected.image_tokens != [421, 421, 421]
