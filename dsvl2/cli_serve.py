@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import DSVL2Error
-from .pipeline import Pipeline, load
+from .generation.generate import GenerateArgs
+from .pipeline import Completion, Pipeline, load
 from .processing.grounding import draw_boxes, parse_grounding
 from .processing.images import load_image
 from .processing.template import stop_strings
@@ -175,22 +176,38 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    parser.add_argument("--constrain-boxes", action="store_true",
+                        help="keep <|det|> spans to the box grammar [[x1, y1, x2, y2], ...] (0-999 integers)")
+    parser.add_argument("--image-token-budget", type=int, default=None, metavar="N",
+                        help="fit the conversation's images in N tokens by choosing their tile layouts (instead of "
+                             "the official rule: no tiling at all with 3+ images); see docs/grounding.md")
+    parser.add_argument("--truncate", choices=["oldest"], default=None,
+                        help="drop the oldest turns when the conversation outgrows the context (default: an error)")
 
 
-def _answer(pipe: Pipeline, history: list[dict[str, Any]], args: argparse.Namespace, out: IO[str]) -> str:
-    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+def _answer(pipe: Pipeline, history: list[dict[str, Any]], args: argparse.Namespace, out: IO[str]) -> Completion:
+    gen = GenerateArgs(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       constrain_boxes=args.constrain_boxes)
     stop = stop_strings(pipe.tokenizer.eos_token)
-    if args.stream:
-        pieces = []
-        for piece in pipe.stream(history, stop=stop, skip_special_tokens=False, **gen):
-            pieces.append(piece)
-            out.write(piece)
+    batch = pipe.prepare([pipe.conversation(history)], args.image_token_budget, args.truncate)
+    completion = None
+    for event in pipe.events(batch, gen, stop, False):
+        if isinstance(event, list):
+            completion = event[0]
+        elif args.stream:
+            out.write(event[1])
             out.flush()
-        out.write("\n")
-        return "".join(pieces)
-    text = pipe.chat(history, stop=stop, skip_special_tokens=False, **gen)
-    out.write(text + "\n")
-    return text
+    assert completion is not None
+    out.write("\n" if args.stream else completion.text + "\n")
+    return completion
+
+
+def usage_line(completion: Completion) -> str:
+    """``[context: 1304 of 4096 tokens used (images 421, 421, 421), 2792 left]``."""
+    used = completion.prompt_tokens + completion.completion_tokens
+    images = ", ".join(map(str, completion.image_tokens))
+    shown = f" (images {images})" if images else ""
+    return f"[context: {used} of {completion.context_limit} tokens used{shown}, {completion.context_remaining} left]"
 
 
 def _save_grounding(text: str, images: list[Path], target: Path | None, out: IO[str]) -> None:
@@ -221,7 +238,7 @@ def chat_main(args: argparse.Namespace, stdin: IO[str] | None = None, out: IO[st
     if args.question is not None:
         history.append({"role": "user", "content": args.question, "images": pending})
         try:
-            text = _answer(pipe, history, args, out)
+            text = _answer(pipe, history, args, out).text
         except DSVL2Error as exc:
             return _fail(str(exc))
         _save_grounding(text, pending, args.ground, out)
@@ -255,12 +272,14 @@ def chat_main(args: argparse.Namespace, stdin: IO[str] | None = None, out: IO[st
             continue
         turn = {"role": "user", "content": line, "images": pending}
         try:
-            text = _answer(pipe, [*history, turn], args, out)
+            completion = _answer(pipe, [*history, turn], args, out)
         except DSVL2Error as exc:
             out.write(f"[error: {exc}]\n")
             continue
+        text = completion.text
         history += [turn, {"role": "assistant", "content": text}]
         images, pending = images + pending, []
+        out.write(usage_line(completion) + "\n")
         _save_grounding(text, images, args.ground, out)
 
 
@@ -274,6 +293,11 @@ def add_ground_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, default=None, help="save the image with the boxes drawn here")
     parser.add_argument("--json", action="store_true", help="print the boxes as JSON")
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--no-constrain-boxes", dest="constrain_boxes", action="store_false",
+                        help="let the model write any text inside <|det|> (default: only well-formed box lists)")
+    parser.add_argument("--ordered-boxes", action="store_true",
+                        help="also keep x1 <= x2 and y1 <= y2 in every box (slower per token; docs/grounding.md)")
 
 
 def ground_main(args: argparse.Namespace, out: IO[str] | None = None) -> int:
@@ -284,7 +308,8 @@ def ground_main(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     try:
         image = load_image(args.image)
         pipe = _load(args)
-        result = pipe.ground(image, args.expression, max_new_tokens=args.max_new_tokens)
+        result = pipe.ground(image, args.expression, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             constrain_boxes=args.constrain_boxes, ordered_boxes=args.ordered_boxes)
     except DSVL2Error as exc:
         return _fail(str(exc))
     boxes = [{"label": b.label, "box": list(b.to_pixels(*image.size)), "box_999": [b.x1, b.y1, b.x2, b.y2]}

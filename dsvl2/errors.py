@@ -24,3 +24,7 @@ class InputError(DSVL2Error, ValueError):
 
 class TokenizerError(DSVL2Error, ValueError):
     """A tokenizer file is missing or lacks a special token the model needs."""
+
+
+class ContextLengthError(InputError):
+    """A conversation does not fit the model's context: the message names each image's token count."""

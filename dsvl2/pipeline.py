@@ -14,7 +14,7 @@ placeholders than images is an error.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,9 @@ import torch
 from PIL import Image
 
 from .checkpoint import load_model
-from .errors import InputError
+from .errors import ContextLengthError, InputError
+from .generation.box_order import OrderedBoxConstraint
+from .generation.constraints import BoxConstraint, LogitsProcessor, box_automaton
 from .generation.generate import GenerateArgs, generate
 from .model.vlm import DSVL2
 from .processing.grounding import GroundingResult, parse_grounding
@@ -51,16 +53,34 @@ def default_device() -> str:
 
 @dataclass
 class Completion:
-    """A finished answer: text, the generated ids, why it stopped, and token counts."""
+    """A finished answer: text, the generated ids, why it stopped, and token counts.
+
+    ``image_tokens``: the ``<image>`` positions each image of the conversation took, in order;
+    ``context_limit``: the model's context (prompt + answer must fit in it).
+    """
 
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     prompt_tokens: int
+    image_tokens: list[int] = field(default_factory=list)
+    context_limit: int | None = None
 
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def grounding(self) -> GroundingResult:
+        """Every ``<|ref|>object<|/ref|><|det|>[[...]]<|/det|>`` of the answer (needs special tokens kept)."""
+        return parse_grounding(self.text)
+
+    @property
+    def context_remaining(self) -> int | None:
+        """Tokens of context left after this answer (None when the limit is unknown)."""
+        if self.context_limit is None:
+            return None
+        return self.context_limit - self.prompt_tokens - self.completion_tokens
 
 
 class Pipeline:
@@ -98,9 +118,48 @@ class Pipeline:
                 m["content"] = "<image>\n" * (len(imgs) - tags) + m["content"]
         return conv
 
-    def prepare(self, conversations: Sequence[list[dict[str, Any]]]) -> Batch:
-        limit = self.model.cfg.language_config.max_position_embeddings
-        return self.processor(list(conversations), max_length=limit)
+    @property
+    def context_limit(self) -> int:
+        return self.model.cfg.language_config.max_position_embeddings
+
+    def prepare(self, conversations: Sequence[list[dict[str, Any]]], image_token_budget: int | None = None,
+                truncate: str | None = None, limit: int | None = None) -> Batch:
+        """Process conversations into one batch, each checked against the context (see :meth:`fit`)."""
+        convs = [list(c) for c in conversations]
+        batch = self.processor(convs, image_token_budget=image_token_budget)
+        lengths = batch.attention_mask.sum(-1).tolist()
+        over = [r for r, n in enumerate(lengths) if n >= (limit or self.context_limit)]
+        if not over:
+            return batch
+        for r in over:
+            where = f"conversation {r}: " if len(convs) > 1 else ""
+            convs[r] = self.fit(convs[r], image_token_budget, truncate, limit, where)[0]
+        return self.processor(convs, image_token_budget=image_token_budget)
+
+    def fit(self, conversation: list[dict[str, Any]], image_token_budget: int | None = None,
+            truncate: str | None = None, limit: int | None = None, where: str = "",
+            ) -> tuple[list[dict[str, Any]], Batch]:
+        """The conversation (oldest turns dropped if needed and asked for) and its one-row batch.
+
+        ``image_token_budget``: tile layouts chosen to fit that many image tokens
+        (:mod:`dsvl2.processing.budget`). A prompt that leaves no room under ``limit`` (default: the
+        model's context) raises :class:`ContextLengthError` naming each image and its token count,
+        unless ``truncate="oldest"``: then the oldest exchanges are dropped (a leading system
+        message stays) until it fits, as the official web demo does.
+        """
+        if truncate not in (None, "oldest"):
+            raise InputError(f"truncate must be None or 'oldest', got {truncate!r}")
+        limit = limit or self.context_limit
+        conv = list(conversation)
+        while True:
+            batch = self.processor([conv], image_token_budget=image_token_budget)
+            length = int(batch.attention_mask.sum())
+            if length < limit:
+                return conv, batch
+            shorter = _drop_oldest_turn(conv) if truncate == "oldest" else None
+            if shorter is None:
+                raise ContextLengthError(where + _overflow_message(conv, length, batch.num_image_tokens[0], limit))
+            conv = shorter
 
     # ---- generation ----------------------------------------------------------------------------
     def events(self, batch: Batch, args: GenerateArgs, stop: Sequence[str],
@@ -120,7 +179,7 @@ class Pipeline:
         reasons = ["length"] * b
         hold = max((len(s) for s in stop), default=1) - 1
         steps = generate(self.model, batch.input_ids, batch.attention_mask, batch.images, batch.images_seq_mask,
-                         batch.images_spatial_crop, args, eos)
+                         batch.images_spatial_crop, args, eos, processors=self.processors(args, b))
         try:
             for step in steps:
                 for r, tok in enumerate(step.tokens.tolist()):
@@ -153,8 +212,20 @@ class Pipeline:
                     texts[r], reasons[r] = texts[r][:cut], "stop"
             if len(texts[r]) > emitted[r]:
                 yield r, texts[r][emitted[r]:]
-            out.append(Completion(texts[r], ids[r], reasons[r], int(prompt_lens[r])))
+            image_tokens = batch.num_image_tokens[r] if batch.num_image_tokens else []
+            out.append(Completion(texts[r], ids[r], reasons[r], int(prompt_lens[r]), list(image_tokens),
+                                  self.context_limit))
         yield out
+
+    def processors(self, args: GenerateArgs, batch_size: int) -> list[LogitsProcessor]:
+        """The logits processors ``args`` asks for (``constrain_boxes``: the box grammar;
+        ``ordered_boxes``: also x1 <= x2 and y1 <= y2)."""
+        out: list[LogitsProcessor] = []
+        if args.constrain_boxes or args.ordered_boxes:
+            automaton = box_automaton(self.tokenizer, self.model.cfg.language_config.vocab_size)
+            kind = OrderedBoxConstraint if args.ordered_boxes else BoxConstraint
+            out.append(kind(automaton, batch_size, self.model.device))
+        return out
 
     def _run(self, batch: Batch, args: GenerateArgs, stop: Sequence[str], skip_special_tokens: bool) -> list[Completion]:
         result: list[Completion] = []
@@ -164,40 +235,75 @@ class Pipeline:
         return result
 
     def complete(self, messages: Messages, images: Sequence[ImageLike] | None = None, *,
-                 stop: Sequence[str] = (), skip_special_tokens: bool = True, **gen: Any) -> Completion:
-        """One answer with its metadata (token ids, finish reason, token counts)."""
-        batch = self.prepare([self.conversation(messages, images)])
+                 stop: Sequence[str] = (), skip_special_tokens: bool = True, image_token_budget: int | None = None,
+                 truncate: str | None = None, **gen: Any) -> Completion:
+        """One answer with its metadata (token ids, finish reason, token counts, image tokens, context).
+
+        ``image_token_budget`` / ``truncate``: see :meth:`prepare`.
+        """
+        batch = self.prepare([self.conversation(messages, images)], image_token_budget, truncate)
         return self._run(batch, GenerateArgs(**gen), stop, skip_special_tokens)[0]
 
     def chat(self, messages: Messages, images: Sequence[ImageLike] | None = None, *,
-             stop: Sequence[str] = (), skip_special_tokens: bool = True, **gen: Any) -> str:
+             stop: Sequence[str] = (), skip_special_tokens: bool = True, image_token_budget: int | None = None,
+             truncate: str | None = None, **gen: Any) -> str:
         """The answer to ``messages`` as text. ``gen``: fields of :class:`GenerateArgs`."""
-        return self.complete(messages, images, stop=stop, skip_special_tokens=skip_special_tokens, **gen).text
+        return self.complete(messages, images, stop=stop, skip_special_tokens=skip_special_tokens,
+                             image_token_budget=image_token_budget, truncate=truncate, **gen).text
 
     def stream(self, messages: Messages, images: Sequence[ImageLike] | None = None, *,
-               stop: Sequence[str] = (), skip_special_tokens: bool = True, **gen: Any) -> Iterator[str]:
+               stop: Sequence[str] = (), skip_special_tokens: bool = True, image_token_budget: int | None = None,
+               truncate: str | None = None, **gen: Any) -> Iterator[str]:
         """Yield the answer in pieces as it is generated (they concatenate to :meth:`chat`'s text).
 
         Closing the iterator early stops generation.
         """
-        batch = self.prepare([self.conversation(messages, images)])
+        batch = self.prepare([self.conversation(messages, images)], image_token_budget, truncate)
         for event in self.events(batch, GenerateArgs(**gen), stop, skip_special_tokens):
             if isinstance(event, tuple):
                 yield event[1]
 
     def generate_batch(self, conversations: Sequence[Messages], *, max_new_tokens: int = 512,
                        skip_special_tokens: bool = True, chunk_size: int | None = None,
-                       stop: Sequence[str] = (), **gen: Any) -> list[str]:
+                       stop: Sequence[str] = (), image_token_budget: int | None = None, **gen: Any) -> list[str]:
         """Answers for many conversations decoded together (greedy by default); rows equal singles."""
         convs = [self.conversation(c) for c in conversations]
-        batch = self.prepare(convs)
+        batch = self.prepare(convs, image_token_budget)
         args = GenerateArgs(max_new_tokens=max_new_tokens, chunk_size=chunk_size, **gen)
         return [c.text for c in self._run(batch, args, stop, skip_special_tokens)]
 
     def ground(self, image: ImageLike, expression: str, **gen: Any) -> GroundingResult:
-        """Locate ``expression`` in ``image``: boxes in 0-999 coordinates (``Box.to_pixels`` for pixels)."""
+        """Locate ``expression`` in ``image``: boxes in 0-999 coordinates (``Box.to_pixels`` for pixels).
+
+        Box-constrained decoding is on unless ``constrain_boxes=False`` is given.
+        """
+        gen.setdefault("constrain_boxes", True)
         text = self.chat(f"<image>\n<|ref|>{expression}<|/ref|>.", [image], skip_special_tokens=False, **gen)
         return parse_grounding(text)
+
+
+def _drop_oldest_turn(conv: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """``conv`` without its oldest exchange (up to the next user turn; a leading system message stays),
+    or None when only the last user turn is left."""
+    head = 1 if conv and conv[0].get("role") == "system" else 0
+    users = [i for i, m in enumerate(conv) if i >= head and m.get("role") in ("user", "<|User|>")]
+    if len(users) < 2:
+        return None
+    return conv[:head] + conv[users[1]:]
+
+
+def _overflow_message(conv: list[dict[str, Any]], length: int, image_tokens: list[int], limit: int) -> str:
+    """Which images take how many tokens, for a prompt that does not fit the context."""
+    images = [im for m in conv for im in m.get("images") or []]
+    parts = []
+    for n, (im, tokens) in enumerate(zip(images, image_tokens), 1):
+        name = im.info.get("source") if isinstance(im, Image.Image) else str(im)
+        size = f"{im.width}x{im.height}" if isinstance(im, Image.Image) else "?"
+        parts.append(f"image {n} ({name + ', ' if name else ''}{size}) takes {tokens} tokens")
+    text = length - sum(image_tokens)
+    detail = "; ".join(parts + [f"the text takes {text}"])
+    return (f"the prompt is {length} tokens, over the context limit of {limit} ({detail}); "
+            "lower image_token_budget, send fewer images, or drop old turns (truncate='oldest')")
 
 
 def _find_stop(text: str, stop: Sequence[str], start: int) -> int | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,8 @@ def test_streamed_chat_prints_the_same(cached: ScriptedPipeline, image: Path) ->
 def test_repl_keeps_history_and_commands(cached: ScriptedPipeline, image: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[dict[str, Any]]] = []
-    real_chat = cached.chat
-    monkeypatch.setattr(cached, "chat", lambda messages, **kw: seen.append(list(messages)) or real_chat(messages, **kw))
+    real = cached.conversation
+    monkeypatch.setattr(cached, "conversation", lambda messages, *a: seen.append(list(messages)) or real(messages, *a))
     lines = [f"/image {image}", "/image /no/such.png", "What is it?", "", "And now?", "/reset", "Hello", "/quit",
              "ignored"]
     stdin = io.StringIO("\n".join(lines) + "\n")
@@ -81,6 +82,11 @@ def test_repl_keeps_history_and_commands(cached: ScriptedPipeline, image: Path,
     assert seen[1][1]["role"] == "assistant" and seen[1][1]["content"]
     text = out.getvalue()
     assert "attached to the next question" in text and "no such file" in text and "conversation cleared" in text
+    # after each turn: the context used (with the image's tokens) and what is left
+    used = re.findall(r"\[context: (\d+) of 4096 tokens used( \(images (\d+)\))?, (\d+) left\]", text)
+    assert len(used) == 3 and used[0][2] and not used[2][1]
+    assert all(int(u) + int(left) == 4096 for u, _, _, left in used)
+    assert int(used[1][0]) > int(used[0][0])  # turn 2 carries turn 1 and its answer
 
 
 def _red_at(path: Path, xy: tuple[int, int]) -> bool:
@@ -161,3 +167,23 @@ def test_quantize_flag_loads_an_int8_model(golden_dir: Path, image: Path, pipe: 
     assert any(isinstance(m, Int8Linear) for m in loaded[0].model.modules())
     with pytest.raises(SystemExit):  # an unknown mode is refused by the parser, naming the choices
         parse(cli_serve.add_chat_arguments, ["--quantize", "int4", "q"])
+
+
+def test_chat_budget_and_truncate_flags_reach_the_pipeline(cached: ScriptedPipeline, tmp_path: Path) -> None:
+    from PIL import Image
+
+    paths = []
+    for i, size in enumerate(((800, 600), (800, 600), (1240, 1754))):
+        paths.append(tmp_path / f"p{i}.png")
+        Image.new("RGB", size, (20 * i, 90, 200)).save(paths[-1])
+    argv = ["--max-new-tokens", "3", "--image-token-budget", "2500", "--truncate", "oldest",
+            *(x for p in paths for x in ("--image", str(p))), "Compare."]
+    args = parse(cli_serve.add_chat_arguments, argv)
+    assert args.image_token_budget == 2500 and args.truncate == "oldest"
+    out = io.StringIO()
+    assert cli_serve.chat_main(args, out=out) == 0
+    expected = cached.complete([{"role": "user", "content": "Compare.", "images": paths}], max_new_tokens=3,
+                               stop=stop_strings(cached.tokenizer.eos_token), skip_special_tokens=False,
+                               image_token_budget=2500)
+    assert out.getvalue() == expected.text + "\n"
+    assert sum(expected.image_tokens) <= 2500 and expected.image_tokens != [421, 421, 421]

@@ -127,7 +127,7 @@ def test_pipeline_bad_input(pipe, golden_dir, tmp_path):
     broken.write_bytes(image.read_bytes()[:40])
     with pytest.raises(InputError, match="broken.png"):
         pipe.chat("what?", images=[broken])
-    with pytest.raises(InputError, match="longer than max_length 4096"):
+    with pytest.raises(InputError, match="over the context limit of 4096"):
         pipe.chat("word " * 5000)
     with pytest.raises(InputError, match="dtype"):
         dsvl2.load(golden_dir / "checkpoints" / "micro-mha", dtype="int3")

@@ -62,9 +62,10 @@ def test_garbage_numbers_out_of_range_and_swapped():
     result = parse_grounding(
         "<|ref|>z<|/ref|><|det|>[[1, 2, x, 4], [1.5, 2, 3, 4], [-5, 10, 1200, 20], [300, 400, 100, 200]]<|/det|>"
     )
-    assert result.boxes == [Box("z", 0, 10, 999, 20), Box("z", 100, 200, 300, 400)]
-    assert len(result.errors) == 5  # 'x', '1.5', -5 clamped, 1200 clamped, corners swapped
-    assert any("'x' is not an integer" in e for e in result.errors)
+    # a non-integer is read as the official parser (Python's eval) reads it
+    assert result.boxes == [Box("z", 1.5, 2, 3, 4), Box("z", 0, 10, 999, 20), Box("z", 100, 200, 300, 400)]
+    assert len(result.errors) == 4  # 'x', -5 clamped, 1200 clamped, corners swapped
+    assert any("'x' is not a number" in e for e in result.errors)
     assert any("value 1200 outside 0-999" in e for e in result.errors)
 
 
@@ -105,3 +106,12 @@ def test_draw_boxes_outlines_and_keeps_size():
     assert out.getpixel((0, 50)) == COLORS[1] and out.getpixel((199, 50)) == COLORS[1]  # clipped full box
     label_area = np.asarray(out)[: y1, x1:x2]
     assert (label_area == COLORS[0]).all(axis=-1).any()  # label drawn above the box
+
+
+def test_non_integer_and_negative_numbers_as_the_official_parser():
+    text = "<|ref|>a<|/ref|><|det|>[[162.5, 328, 540.2, 966], [-3, 10, 400, 500], [+7, .5, 8., 9]]<|/det|>"
+    result = parse_grounding(text)
+    assert result.boxes == [Box("a", 162.5, 328, 540.2, 966), Box("a", 0, 10, 400, 500), Box("a", 7, 0.5, 8.0, 9)]
+    assert result.errors == ["det 0 ('a') box 1: value -3 outside 0-999, clamped"]
+    # int(162.5 / 999 * 1998) = 325, int(540.2 / 999 * 1998) = int(1080.4) = 1080
+    assert result.boxes[0].to_pixels(1998, 999) == (325, 328, 1080, 966)

@@ -244,15 +244,28 @@ def test_first_box_converts_0_999_to_pixels():
     ("The cat is at [0, 0, 998, 999].", 1.0),
     (det([0, 0, 998]), 0.0),  # three numbers: malformed -> miss
     (det([0, 0, 998, 999, 5]), 0.0),  # five numbers
-    (det([0, 0, 998, 1000]), 0.0),  # value above 999 (the parser would clamp it): miss
+    (det([0, 0, 998, 1000]), 1.0),  # value above 999: clipped to the image (1000 -> 999), then scored
     (det([998, 0, 0, 999]), 0.0),  # corners swapped (the parser would sort them): miss
-    (det([0.5, 0, 998, 999]), 0.0),  # not an integer
+    (det([0.5, 0, 998, 999]), 1.0),  # not an integer: read as the official parser does; int(0.5) = 0
+    (det([-4, 0, 998, 999]), 1.0),  # negative: clipped to 0
+    ("<|det|>[[x, 0, 998, 999]]<|/det|>", 0.0),  # not a number
     ("I don't see a cat.", 0.0),
     ("", 0.0),
 ])
 def test_grounding_hit(text, expected):
     assert grounding_hit(text, [0, 0, 998, 999], 999, 999) == expected
     assert score("refcoco", text, [[0, 0, 998, 999]], width=999, height=999) == expected
+
+
+def test_grounding_issue_examples_hit_like_the_official_evaluation():
+    # [[162.5, 328, 540.2, 966]] on a 999x999 image: pixels (162, 328, 540, 966); gold (160, 330, 540, 960):
+    # inter 378 x 630 = 238140, areas 378 x 638 = 241164 and 380 x 630 = 239400 -> IoU 238140 / 242424 = 0.982
+    text = "<|ref|>x<|/ref|><|det|>[[162.5, 328, 540.2, 966]]<|/det|>"
+    assert first_box(text, 999, 999) == (162, 328, 540, 966)
+    assert score("refcoco", text, [160, 330, 540, 960], width=999, height=999) == 1.0
+    # [[-3, 10, 400, 500]]: x1 clipped to 0 -> (0, 10, 400, 500) vs gold (0, 0, 400, 500): 196000 / 200000 = 0.98
+    assert first_box("[[-3, 10, 400, 500]]", 999, 999) == (0, 10, 400, 500)
+    assert score("refcoco", "[[-3, 10, 400, 500]]", [0, 0, 400, 500], width=999, height=999) == 1.0
 
 
 def test_grounding_later_box_problems_do_not_spoil_the_first():

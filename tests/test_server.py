@@ -285,7 +285,7 @@ class _FakePipe:
         self.batches: list[int] = []
         self.gate = threading.Event()
 
-    def prepare(self, conversations: list[Any]) -> list[Any]:
+    def prepare(self, conversations: list[Any], image_token_budget: int | None = None) -> list[Any]:
         return list(conversations)
 
     def events(self, batch: Any, args: Any, stop: Any, skip: bool) -> Iterator[Any]:

@@ -108,3 +108,21 @@ def test_grounding_answer_draws_boxes(page: object, scene: Path, tmp_path: Path)
     pixel = canvas.evaluate(f"c => Array.from(c.getContext('2d').getImageData({x}, {y}, 1, 1).data)")
     assert pixel[:3] == [255, 0, 0]
     page.screenshot(path=str(tmp_path / "grounding.png"), full_page=True)  # type: ignore[attr-defined]
+
+
+def test_budget_bar_shows_image_tokens_and_context_left(page: object, scene: Path, tmp_path: Path) -> None:
+    page.click("#new-chat")  # type: ignore[attr-defined]
+    page.uncheck("#grounding-toggle")  # type: ignore[attr-defined]
+    # 480x320 wants 2x1 (617 tokens); a budget of 500 leaves it 1x1 (421)
+    page.fill("#image-budget", "500")  # type: ignore[attr-defined]
+    ask(page, "What is in the image?", scene)
+    bar = page.locator("#budget")  # type: ignore[attr-defined]
+    bar.wait_for()
+    label = page.locator("#budget-label").inner_text()  # type: ignore[attr-defined]
+    import re
+
+    found = re.fullmatch(r"context (\d+) / 4096 tokens \(images 421\) · (\d+) left", label)
+    assert found and int(found[1]) + int(found[2]) == 4096, label
+    width = page.evaluate("document.querySelector('#budget .images').style.width")  # type: ignore[attr-defined]
+    assert width == f"{100 * 421 / 4096:.2f}%"
+    page.screenshot(path=str(tmp_path / "budget.png"), full_page=True)  # type: ignore[attr-defined]

@@ -18,8 +18,11 @@ disagree the choice is stated here and in ``docs/evaluation.md``:
   (substring match; no full-width folding, a 2026 lmms-eval addition).
 - :func:`extract_choice` (AI2D, MMStar, MMBench, MMMU): VLMEvalKit ``can_infer`` as of Dec 2024,
   the version DeepSeek evaluated with (no LLM judge; later versions add a "last 5 tokens" rule).
+- MathVista: the official ``extract_answer`` (rule part) + ``normalize_extracted_answer`` in
+  :mod:`dsvl2.evaluation.mathvista` (an offline rule replaces its GPT-4 extractor).
 - :func:`iou` / :func:`grounding_hit` (RefCOCO family, demo grounding): 0-999 boxes parsed by
-  :func:`dsvl2.processing.grounding.parse_grounding`, converted with ``Box.to_pixels``
+  :func:`dsvl2.processing.grounding.parse_grounding` (numbers as the official parser reads them,
+  non-integer and negative included, then clipped), converted with ``Box.to_pixels``
   (``int(v / 999 * W)``), hit iff IoU with the gold pixel box >= 0.5 on the first box.
 
 :func:`score` dispatches on a task name; it scores the text as given (the DeepSeek wrapper's
@@ -266,15 +269,19 @@ def first_box(prediction: str, width: int, height: int) -> tuple[int, int, int, 
 
     Parsed with the core's :func:`~dsvl2.processing.grounding.parse_grounding` (decode with special
     tokens kept). Without any ``<|det|>`` tag (special tokens skipped) the whole text is read as a
-    det body, i.e. the first ``[x1, y1, x2, y2]`` list. The first list must be well-formed: the
-    parser's repairs (value outside 0-999 clamped, corners swapped) and a wrong count of numbers
-    make it a miss, as eval-datasets.md 3.10 asks for malformed outputs.
+    det body, i.e. the first ``[x1, y1, x2, y2]`` list. Numbers are read as the official parser
+    reads them (it evaluates the list as Python): non-integers and negatives count, and values are
+    then clipped to the image (0-999), so ``[[-3, 10, 400, 500]]`` is the box from x = 0 and
+    ``[[162.5, 328, 540.2, 966]]`` is kept as written. A first list with a wrong count of numbers,
+    a value that is not a number, or corners out of order (x2 < x1, which the parser would sort)
+    is a miss, as eval-datasets.md 3.10 asks for malformed outputs.
     """
     from dsvl2.processing.grounding import DET, DET_END, parse_grounding
 
     text = prediction if DET in prediction else f"{DET}{prediction}{DET_END}"
     parsed = parse_grounding(text)
-    if re.search(r"^det 0\b.*\bbox 0:", "\n".join(parsed.errors), flags=re.MULTILINE) or not parsed.boxes:
+    first = [e for e in parsed.errors if re.match(r"det 0\b.*\bbox 0:", e) and not e.endswith("clamped")]
+    if first or not parsed.boxes:
         return None
     return parsed.boxes[0].to_pixels(width, height)
 
@@ -337,6 +344,9 @@ def score(task: str, prediction: str, answers: Any, **extra: Any) -> float:
                                     {A: gold, B: "Other Answers"}, gold letter A
     refcoco, refcoco+, refcocog,    gold pixel box ``[x1, y1, x2, y2]`` (or ``[box]``);
     demo_grounding                  ``width``, ``height`` of the image -> :func:`grounding_hit`
+    mathvista                       gold answer string (a choice TEXT for multiple choice);
+                                    ``question_type``, ``answer_type``, ``choices`` (list),
+                                    ``precision`` -> :func:`dsvl2.evaluation.mathvista.mathvista_match`
     demo_reading                    answer string -> :func:`exact_match`
     demo_charts                     answer integer -> :func:`integer_match`
     ==============================  =========================================================
@@ -366,9 +376,18 @@ def score(task: str, prediction: str, answers: Any, **extra: Any) -> float:
         if "width" not in extra or "height" not in extra:
             raise InputError(f"{task}: score() needs the image width= and height=")
         return grounding_hit(prediction, _gold_box(answers), int(extra["width"]), int(extra["height"]))
+    if name == "mathvista":
+        from dsvl2.evaluation.mathvista import mathvista_match  # it builds on this module
+
+        gold = answers[0] if isinstance(answers, (list, tuple)) else answers
+        if "question_type" not in extra or "answer_type" not in extra:
+            raise InputError(f"{task}: score() needs question_type= and answer_type=")
+        return mathvista_match(prediction, str(gold), extra["question_type"], extra["answer_type"],
+                               extra.get("choices"), extra.get("precision"))
     if name == "demo_reading":
         return exact_match(prediction, answers)
     if name == "demo_charts":
         return integer_match(prediction, answers)
     raise InputError(f"unknown task {task!r} for score(); known: docvqa, infovqa, chartqa, textvqa, "
-                     f"ocrbench, {', '.join(MCQ_TASKS)}, {', '.join(GROUNDING_TASKS)}, demo_reading, demo_charts")
+                     f"ocrbench, {', '.join(MCQ_TASKS)}, {', '.join(GROUNDING_TASKS)}, mathvista, demo_reading, "
+                     "demo_charts")

@@ -30,10 +30,11 @@ VLMEVALKIT: dict[str, dict[tuple[str, str], float]] = {
               ("chartqa", "test"): 84.48, ("ocrbench", "test"): 835, ("textvqa", "validation"): 83.34},
 }
 SECTIONS = (("OCR-related", ("docvqa", "chartqa", "infovqa", "textvqa", "ocrbench")),
-            ("General", ("mmstar", "ai2d", "mmmu", "mmbench")),
+            ("General", ("mmstar", "ai2d", "mmmu", "mmbench", "mathvista")),
             ("Visual grounding", ("refcoco", "refcoco+", "refcocog")))
 DISPLAY = {"docvqa": "DocVQA", "infovqa": "InfoVQA", "chartqa": "ChartQA", "textvqa": "TextVQA",
            "ocrbench": "OCRBench", "ai2d": "AI2D", "mmstar": "MMStar", "mmbench": "MMBench (en)", "mmmu": "MMMU",
+           "mathvista": "MathVista (testmini)",
            "refcoco": "RefCOCO", "refcoco+": "RefCOCO+", "refcocog": "RefCOCOg"}
 
 

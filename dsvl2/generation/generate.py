@@ -10,7 +10,7 @@ live in ``dsvl2.pipeline`` so this module works on ids only. Positions come from
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,7 @@ from ..model.cache import KVCache, LatentCache, make_cache
 from ..model.llm import causal_mask
 from ..model.quant import linear
 from ..model.vlm import DSVL2, positions_from_mask
+from .constraints import LogitsProcessor, apply_processors
 from .sampling import SamplingParams, sample
 
 
@@ -35,6 +36,8 @@ class GenerateArgs:
     expanded_prefill: bool = False  # decompressed-MLA prefill (faster on long prompts; bf16-close)
     compile: bool = False  # decode through torch.compile (opt-in: bf16-close, not bit-identical)
     fused_attention: bool = False  # SDPA kernels in prefill and decode (faster, bf16-close; implies expanded)
+    constrain_boxes: bool = False  # <|det|> spans follow the box grammar (generation.constraints; built in pipeline)
+    ordered_boxes: bool = False  # ... and x1 <= x2, y1 <= y2 in every box (generation.box_order; implies constrain)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -102,10 +105,12 @@ class Step:
 def generate(model: DSVL2, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              images: torch.Tensor | None, images_seq_mask: torch.Tensor | None,
              images_spatial_crop: torch.Tensor | None, args: GenerateArgs, eos_token_id: int,
-             return_logits: bool = False) -> Iterator[Step]:
+             return_logits: bool = False, processors: Sequence[LogitsProcessor] = ()) -> Iterator[Step]:
     """Yield a :class:`Step` per generated position until every row hit EOS or ``max_new_tokens``.
 
-    The caller may stop iterating at any time (stop strings, a client that went away).
+    ``processors`` (:class:`~dsvl2.generation.constraints.LogitsProcessor`) change each step's logits
+    before sampling, in order, and are told the chosen tokens. The caller may stop iterating at any
+    time (stop strings, a client that went away).
     """
     cfg = model.cfg.language_config
     b, t = input_ids.shape
@@ -138,8 +143,11 @@ def generate(model: DSVL2, input_ids: torch.Tensor, attention_mask: torch.Tensor
     step = compiled_decode_one_token() if args.compile else decode_one_token
     padded = not bool(attention_mask.all())  # decode appends only real tokens: fixed for the whole loop
     for i in range(new):
+        logits = apply_processors(processors, logits, new - i)
         token = sample(logits, params, seen, generator)
         token = torch.where(finished, torch.full_like(token, eos_token_id), token)
+        for p in processors:
+            p.advance(token)
         yield Step(token, finished.clone(), logits if return_logits else None)
         finished = finished | (token == eos_token_id)
         if bool(finished.all()) or i == new - 1:

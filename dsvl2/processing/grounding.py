@@ -7,7 +7,9 @@ nothing when ref/det counts differ or one list is malformed; we keep every well-
 report the rest in ``errors``), and labels are drawn with Pillow's default font, not simsun.ttc.
 
 Coordinates are integers in [0, 999] relative to the ORIGINAL image; ``Box.to_pixels`` uses
-``int(v / 999 * W)`` for x and ``H`` for y, as the demo (it divides by 999, not 1000).
+``int(v / 999 * W)`` for x and ``H`` for y, as the demo (it divides by 999, not 1000). Like the
+official parser (which evaluates the list as Python), non-integer and negative numbers are read
+(``[[162.5, 328, 540.2, 966]]``); values outside 0-999 are clipped and reported.
 """
 
 import re
@@ -19,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 REF, REF_END, DET, DET_END, GROUNDING = "<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>"
 _TAG = re.compile(r"<\|/?(?:ref|det)\|>")
 _INNER_LIST = re.compile(r"\[([^\[\]]*)\]")
-_INT = re.compile(r"[+-]?\d+")
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 
 # the demo's BOX2COLOR, cycled per box
 COLORS: tuple[tuple[int, int, int], ...] = (
@@ -34,10 +36,10 @@ class Box:
     """One box of a grounded answer, in the model's 0-999 coordinates."""
 
     label: str
-    x1: int
-    y1: int
-    x2: int
-    y2: int
+    x1: float  # an int whenever the model wrote an integer (always, for the released models)
+    y1: float
+    x2: float
+    y2: float
 
     def to_pixels(self, width: int, height: int) -> tuple[int, int, int, int]:
         """Pixel corners in an image of ``width x height``: ``int(v / 999 * W)`` / ``* H``."""
@@ -62,12 +64,12 @@ def _parse_box(label: str, body: str, where: str, errors: list[str]) -> Box | No
     if len(parts) != 4:
         errors.append(f"{where}: expected 4 numbers, got {len(parts)} in [{body}]")
         return None
-    values = []
+    values: list[float] = []
     for part in parts:
-        if not _INT.fullmatch(part):
-            errors.append(f"{where}: {part!r} is not an integer in [{body}]")
+        if not _NUMBER.fullmatch(part):
+            errors.append(f"{where}: {part!r} is not a number in [{body}]")
             return None
-        v = int(part)
+        v: float = int(part) if re.fullmatch(r"[+-]?\d+", part) else float(part)
         if not 0 <= v <= 999:
             errors.append(f"{where}: value {v} outside 0-999, clamped")
             v = min(max(v, 0), 999)
@@ -99,7 +101,8 @@ def parse_grounding(text: str) -> GroundingResult:
     """Collect the boxes of every ``<|ref|>label<|/ref|>`` + following ``<|det|>...<|/det|>``.
 
     Never raises. A det without a ref gets label ``""``; a ref without a det, an unterminated
-    tag, a list with the wrong number of values, a non-integer, an out-of-range value (clamped)
+    tag, a list with the wrong number of values, a value that is not a number, an out-of-range
+    value (clamped)
     or swapped corners (sorted) are reported in ``errors``.
     """
     result = GroundingResult()

@@ -34,4 +34,5 @@ def load_image(x: str | Path | Image.Image) -> Image.Image:
         raise InputError(f"cannot read image {path}: {exc}") from exc
     if rgb.width == 0 or rgb.height == 0:
         raise InputError(f"image has zero size ({rgb.width}x{rgb.height}): {path}")
+    rgb.info["source"] = str(path)  # kept by convert(); names the image in context-limit errors
     return rgb

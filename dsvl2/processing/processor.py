@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from dsvl2.errors import ConfigError, InputError
+from dsvl2.processing.budget import allocate_resolutions
 from dsvl2.processing.images import load_image
 from dsvl2.processing.layout import num_image_tokens, tile_grid
 from dsvl2.processing.template import ASSISTANT_ROLE, USER_ROLE, normalize_role, render, sft_format
@@ -165,6 +166,17 @@ class Processor:
         config = ProcessorConfig.from_json(path) if path.is_file() else ProcessorConfig()
         return cls(Tokenizer.from_dir(model_dir, default_pad_token=config.pad_token), config)
 
+    def resolutions(self, sizes: Sequence[tuple[int, int]], image_token_budget: int | None = None,
+                    ) -> list[tuple[int, int]]:
+        """Local-canvas resolution of each image of one conversation: the official rule (tiling only
+        for <= 2 images), or the budget's allocation (:mod:`dsvl2.processing.budget`)."""
+        size = self.config.image_size
+        if image_token_budget is not None:
+            return allocate_resolutions(sizes, self.config.candidate_resolutions, size, self.grid, image_token_budget)
+        if len(sizes) <= 2:
+            return [select_best_resolution(s, self.config.candidate_resolutions) for s in sizes]
+        return [(size, size)] * len(sizes)
+
     def image_token_count(self, width: int, height: int, n_images_in_conversation: int = 1) -> int:
         """``<image>`` positions of a ``width x height`` image in a conversation with that many images."""
         if n_images_in_conversation <= 2:
@@ -183,6 +195,7 @@ class Processor:
         mask_prompt: bool | None = None,
         max_length: int | None = None,
         system_prompt: str = "",
+        image_token_budget: int | None = None,
     ) -> Batch:
         """Process one conversation (a list of messages) or a batch (a list of such lists).
 
@@ -190,6 +203,8 @@ class Processor:
         list of lists for a batch. With ``inference`` an empty assistant turn is appended when
         the conversation does not end with an assistant message, and the final EOS is dropped;
         otherwise ``labels`` are built (``mask_prompt`` defaults to the config's value).
+        ``image_token_budget``: choose each conversation's tile layouts to fit that many image tokens
+        (:mod:`dsvl2.processing.budget`) instead of the official rule.
         """
         if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence) or not conversations:
             raise InputError("conversations must be a non-empty list of messages or a list of conversations")
@@ -207,7 +222,7 @@ class Processor:
         samples = []
         for index, (conv, imgs) in enumerate(zip(convs, per_conv)):
             where = "" if single else f"conversation {index}: "
-            sample = self._process_one(conv, imgs, inference, mask, system_prompt, where)
+            sample = self._process_one(conv, imgs, inference, mask, system_prompt, where, image_token_budget)
             if max_length is not None and len(sample.input_ids) > max_length:
                 raise InputError(
                     f"{where}the prompt is {len(sample.input_ids)} tokens, longer than max_length {max_length}"
@@ -223,6 +238,7 @@ class Processor:
         mask_prompt: bool,
         system_prompt: str,
         where: str,
+        image_token_budget: int | None = None,
     ) -> _Sample:
         """``process_one`` of the official processor for one conversation."""
         messages = self._check_messages(conversation, where)
@@ -236,7 +252,8 @@ class Processor:
         if n_tags != len(sources):
             raise InputError(f"{where}the text has {n_tags} {token} placeholders but {len(sources)} images were given")
         pil_images = [load_image(src) for src in sources]
-        cropping = len(pil_images) <= 2  # over the whole conversation (spec 5.2)
+        # tiling only with <= 2 images over the whole conversation (spec 5.2), unless a budget decides
+        resolutions = self.resolutions([im.size for im in pil_images], image_token_budget)
 
         tok = self.tokenizer
         ids, labels, seq_mask = [tok.bos_id], [tok.bos_id], [False]
@@ -251,7 +268,8 @@ class Processor:
                 text = render([(USER_ROLE, content), (ASSISTANT_ROLE, "")])
                 n = text.count(token)
                 piece_ids, piece_mask = self._tokenize_with_images(
-                    text, pil_images[next_image : next_image + n], cropping, tiles, crops, counts
+                    text, pil_images[next_image : next_image + n], resolutions[next_image : next_image + n],
+                    tiles, crops, counts
                 )
                 next_image += n
                 labels += [self.config.ignore_id] * len(piece_ids) if mask_prompt else piece_ids
@@ -304,7 +322,7 @@ class Processor:
         self,
         text: str,
         images: list[Image.Image],
-        cropping: bool,
+        resolutions: list[tuple[int, int]],
         tiles: list[Image.Image],
         crops: list[list[int]],
         counts: list[int],
@@ -314,12 +332,12 @@ class Processor:
         pieces = text.split(self.config.image_token)
         ids: list[int] = []
         mask: list[bool] = []
-        for piece, image in zip(pieces, images):
+        for piece, image, resolution in zip(pieces, images, resolutions):
             piece_ids = self.tokenizer.encode(piece)
             ids += piece_ids
             mask += [False] * len(piece_ids)
             image_tiles, nw, nh = tile_image(
-                image, self.config.candidate_resolutions, self.config.image_size, cropping, self.pad_color
+                image, self.config.candidate_resolutions, self.config.image_size, True, self.pad_color, resolution
             )
             tiles += image_tiles
             crops.append([nw, nh])

@@ -91,14 +91,17 @@ def tile_image(
     image_size: int,
     cropping: bool,
     color: tuple[int, int, int] = (127, 127, 127),
+    resolution: tuple[int, int] | None = None,
 ) -> tuple[list[Image.Image], int, int]:
     """Cut ``image`` into ``[global view, local tiles row-major]`` and return them with ``nw, nh``.
 
     With ``cropping`` the local canvas is the best candidate resolution, otherwise a single
-    ``image_size`` tile (identical pixels to the global view). ``nw``/``nh`` count tiles across
-    and down.
+    ``image_size`` tile (identical pixels to the global view); ``resolution`` (a token budget's
+    choice, :mod:`.budget`) overrides both. ``nw``/``nh`` count tiles across and down.
     """
-    if cropping:
+    if resolution is not None:
+        best_w, best_h = resolution
+    elif cropping:
         best_w, best_h = select_best_resolution(image.size, candidates)
     else:
         best_w, best_h = image_size, image_size

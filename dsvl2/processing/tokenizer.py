@@ -133,6 +133,11 @@ class Tokenizer:
         valid = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
         return self._tok.decode(valid, skip_special_tokens=skip_special_tokens)
 
+    def token_texts(self) -> list[str]:
+        """The text each id writes on its own (special tokens as their tag; a piece of a multi-byte
+        character as U+FFFD), for constrained decoding."""
+        return self._tok.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+
     def __len__(self) -> int:
         return self.vocab_size
 

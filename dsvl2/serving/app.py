@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import InputError
+from ..errors import ContextLengthError, InputError
 from ..generation.generate import GenerateArgs
 from ..pipeline import Completion, Pipeline
 from ..processing.template import stop_strings
@@ -161,10 +161,13 @@ def create_app(pipe: Pipeline, args: ServeArgs | None = None) -> FastAPI:
             sizes += [im.size for im in images]
             messages.append({"role": msg.role, "content": msg.text, "images": images})
         try:
-            conversation = pipe.conversation(messages)
-            batch = pipe.processor([conversation])
+            conversation, batch = pipe.fit(pipe.conversation(messages), req.image_token_budget, req.truncate, context)
+        except ContextLengthError as exc:
+            raise invalid(str(exc), "messages", "context_length_exceeded") from exc
         except InputError as exc:
             raise invalid(str(exc), "messages", "invalid_messages") from exc
+        if req.truncate:  # the dropped turns' images are gone: box coordinates refer to the kept ones
+            sizes = [im.size for m in conversation for im in m.get("images") or []]
         prompt = int(batch.input_ids.shape[1])
         if prompt >= context:
             raise invalid(f"this model's maximum context length is {context} tokens, but the messages are {prompt}"
@@ -176,7 +179,7 @@ def create_app(pipe: Pipeline, args: ServeArgs | None = None) -> FastAPI:
                           "max_tokens", "context_length_exceeded")
         try:
             gen = GenerateArgs(max_tokens, req.temperature, req.top_p, req.top_k, req.repetition_penalty, req.seed,
-                               args.chunk_size)
+                               args.chunk_size, constrain_boxes=req.constrain_boxes)
             _ = gen.sampling  # SamplingParams checks the values
         except InputError as exc:
             raise invalid(str(exc), code="invalid_value") from exc
@@ -200,7 +203,8 @@ def create_app(pipe: Pipeline, args: ServeArgs | None = None) -> FastAPI:
             with contextlib.suppress(RuntimeError):  # the loop is gone at shutdown
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        ereq = EngineRequest(prep.conversation, prep.batch, prep.args, prep.stop, on_event)
+        ereq = EngineRequest(prep.conversation, prep.batch, prep.args, prep.stop, on_event,
+                             image_token_budget=req.image_token_budget)
         try:
             engine.submit(ereq)
         except (QueueFull, EngineStopped) as exc:
@@ -208,14 +212,15 @@ def create_app(pipe: Pipeline, args: ServeArgs | None = None) -> FastAPI:
                            type="server_error") from exc
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return StreamingResponse(_sse(events, ereq, cid, now, model_id, prep, req.include_usage),
+            return StreamingResponse(_sse(events, ereq, cid, now, model_id, prep, req.include_usage, context),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         completion = await _wait_done(events, ereq, request)
         if completion is None:  # the client went away; nobody reads this
             return Response(status_code=499)
         grounding = grounding_entries(completion.text, prep.image_sizes)
         return JSONResponse(completion_body(cid, now, model_id, completion.text, completion.finish_reason, grounding,
-                                            completion.prompt_tokens, completion.completion_tokens))
+                                            completion.prompt_tokens, completion.completion_tokens,
+                                            completion.image_tokens, context))
 
     return app
 
@@ -277,7 +282,7 @@ async def _disconnected(request: Request) -> None:
 
 
 async def _sse(events: asyncio.Queue[tuple[str, Any]], ereq: EngineRequest, cid: str, created: int, model: str,
-               prep: Prepared, include_usage: bool) -> AsyncIterator[str]:
+               prep: Prepared, include_usage: bool, context: int) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format; leaving early (disconnect) cancels the request."""
     done = False
 
@@ -301,7 +306,7 @@ async def _sse(events: asyncio.Queue[tuple[str, Any]], ereq: EngineRequest, cid:
                 delta["grounding"] = grounding
             yield sse(chunk_body(cid, created, model, delta, value.finish_reason))
             if include_usage:
-                counts = usage(value.prompt_tokens, value.completion_tokens)
+                counts = usage(value.prompt_tokens, value.completion_tokens, value.image_tokens, context)
                 yield sse(chunk_body(cid, created, model, {}, usage_=counts, with_choice=False))
             yield "data: [DONE]\n\n"
             return

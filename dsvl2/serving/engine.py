@@ -56,6 +56,7 @@ class EngineRequest:
     stop: Sequence[str]
     on_event: Callable[[Event], None]
     skip_special_tokens: bool = False
+    image_token_budget: int | None = None  # re-preparing a batch of several keeps each row's tile layouts
     cancelled: threading.Event = field(default_factory=threading.Event)
     uid: int = field(default_factory=lambda: next(_ids))
 
@@ -66,7 +67,7 @@ class EngineRequest:
     def batch_key(self) -> Hashable:
         if self.args.temperature > 0 and self.args.seed is not None:
             return ("alone", self.uid)
-        return (self.args, tuple(self.stop), self.skip_special_tokens)
+        return (self.args, tuple(self.stop), self.skip_special_tokens, self.image_token_budget)
 
 
 @dataclass
@@ -175,7 +176,8 @@ class Engine:
         events = None
         finished = False
         try:
-            batch = first.batch if len(group) == 1 else self.pipe.prepare([r.conversation for r in group])
+            batch = (first.batch if len(group) == 1
+                     else self.pipe.prepare([r.conversation for r in group], first.image_token_budget))
             events = self.pipe.events(batch, first.args, first.stop, first.skip_special_tokens)
             for event in events:
                 if isinstance(event, list):

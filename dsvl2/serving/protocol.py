@@ -5,9 +5,12 @@ with ``text`` / ``image_url`` content parts, SSE chunks ending in ``data: [DONE]
 error bodies ``{"error": {"message", "type", "param", "code"}}``. Everything a client can get wrong
 raises :class:`APIError` with the status and code the server returns (never a 500).
 
-dsvl2 extensions (documented in docs/serving.md): the request may carry ``top_k`` and
-``repetition_penalty``; an answer with ``<|det|>`` boxes carries ``message.grounding`` (stream: the
-last chunk's ``delta.grounding``), a list of :func:`grounding_entries`. Images are placed before the
+dsvl2 extensions (documented in docs/serving.md): the request may carry ``top_k``,
+``repetition_penalty``, ``constrain_boxes`` (default true: ``<|det|>`` spans follow the box grammar),
+``image_token_budget`` (tile layouts fitted to that many image tokens) and ``truncate: "oldest"``;
+``usage`` also reports ``image_tokens`` (per image), ``context_limit`` and ``context_remaining``;
+an answer with ``<|det|>`` boxes carries ``message.grounding`` (stream: the last chunk's
+``delta.grounding``), a list of :func:`grounding_entries`. Images are placed before the
 text of their turn (``"<image>\\n"`` per image, as the official web demo and vLLM do) unless the text
 holds its own ``<image>`` placeholders.
 """
@@ -76,6 +79,9 @@ class ChatRequest:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    constrain_boxes: bool = True  # dsvl2 extension: <|det|> spans kept to the box grammar
+    image_token_budget: int | None = None  # dsvl2 extension: tile layouts chosen to fit this many image tokens
+    truncate: str | None = None  # dsvl2 extension: "oldest" drops the oldest turns that do not fit
 
     @property
     def image_urls(self) -> list[str]:
@@ -110,7 +116,16 @@ class ChatRequest:
             repetition_penalty=_number(body, "repetition_penalty", float, 1.0),
             seed=None if body.get("seed") is None else _number(body, "seed", int, 0),
             stop=_stop(body.get("stop")),
+            constrain_boxes=_flag(body, "constrain_boxes", True),
+            image_token_budget=(None if body.get("image_token_budget") is None
+                                else _number(body, "image_token_budget", int, 0)),
+            truncate=body.get("truncate"),
         )
+        if req.image_token_budget is not None and req.image_token_budget < 1:
+            raise invalid("image_token_budget must be at least 1", "image_token_budget", "invalid_value")
+        if req.truncate not in (None, "oldest"):
+            raise invalid(f"truncate must be 'oldest' or absent, got {req.truncate!r}"[:200], "truncate",
+                          "invalid_value")
         if req.max_tokens is not None and req.max_tokens < 1:
             raise invalid("max_tokens must be at least 1", "max_tokens", "invalid_value")
         if not 0 <= req.temperature <= 2:
@@ -126,10 +141,10 @@ class ChatRequest:
         return req
 
 
-def _flag(body: dict[str, Any], key: str) -> bool:
-    value = body.get(key, False)
+def _flag(body: dict[str, Any], key: str, default: bool = False) -> bool:
+    value = body.get(key, default)
     if value is None:
-        return False
+        return default
     if not isinstance(value, bool):
         raise invalid(f"{key!r} must be a boolean", key, "invalid_type", 422)
     return value
@@ -295,19 +310,28 @@ def grounding_entries(text: str, image_sizes: list[tuple[int, int]]) -> list[dic
     return out
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, image_tokens: list[int] | None = None,
+          context_limit: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage object, plus (dsvl2) the tokens each image took and the context left."""
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                           "total_tokens": prompt_tokens + completion_tokens}
+    if image_tokens is not None:
+        out["image_tokens"] = list(image_tokens)
+    if context_limit is not None:
+        out["context_limit"] = context_limit
+        out["context_remaining"] = context_limit - prompt_tokens - completion_tokens
+    return out
 
 
 def completion_body(cid: str, created: int, model: str, text: str, finish_reason: str,
-                    grounding: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+                    grounding: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int,
+                    image_tokens: list[int] | None = None, context_limit: int | None = None) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if grounding:
         message["grounding"] = grounding
     return {"id": cid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, image_tokens, context_limit)}
 
 
 def chunk_body(cid: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None = None,

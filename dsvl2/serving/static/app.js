@@ -114,6 +114,19 @@ function drawBoxes(msgEl, src, boxes) {
   img.src = src;
 }
 
+// The context bar: image tokens (orange) and text (blue) of the last request, out of the context limit.
+function showBudget(usage) {
+  if (!usage.context_limit) return;
+  const images = (usage.image_tokens || []).reduce((a, b) => a + b, 0);
+  const used = usage.context_limit - usage.context_remaining;
+  const pct = (n) => `${(100 * n / usage.context_limit).toFixed(2)}%`;
+  $("budget").querySelector(".images").style.width = pct(images);
+  $("budget").querySelector(".text").style.width = pct(used - images);
+  const each = (usage.image_tokens || []).length ? ` (images ${usage.image_tokens.join(" + ")})` : "";
+  $("budget-label").textContent = `context ${used} / ${usage.context_limit} tokens${each} · ${usage.context_remaining} left`;
+  $("budget").hidden = false;
+}
+
 function readFile(file) {
   return new Promise((resolve, reject) => {
     const reader = new FileReader();
@@ -180,6 +193,7 @@ async function send(event) {
       model: state.model || undefined, stream: true, stream_options: { include_usage: true },
       messages: [...state.history, userMsg],
       max_tokens: Number($("max-tokens").value) || undefined, temperature: Number($("temperature").value) || 0,
+      image_token_budget: Number($("image-budget").value) || undefined,
     };
     const r = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(body), signal: state.busy.signal,
@@ -218,6 +232,7 @@ async function send(event) {
     meta.textContent = [finish && "finish: " + finish, usage && `${usage.prompt_tokens} + ${usage.completion_tokens} tokens`,
                         grounding && grounding.length + " box(es)"].filter(Boolean).join(" · ");
     answerEl.append(meta);
+    if (usage) showBudget(usage);
     const drawable = (grounding || []).filter((b) => b.box);
     if (drawable.length) drawBoxes(answerEl, state.images[drawable[0].image_index], drawable);
   } catch (err) {
@@ -239,7 +254,7 @@ $("prompt").addEventListener("keydown", (e) => {
 $("file").addEventListener("change", (e) => { attach(e.target.files); e.target.value = ""; });
 $("stop").addEventListener("click", () => state.busy && state.busy.abort());
 $("new-chat").addEventListener("click", () => {
-  state.history = []; state.images = [];
+  state.history = []; state.images = []; $("budget").hidden = true;
   $("log").querySelectorAll(".msg").forEach((el) => el.remove());
 });
 $("api-key").addEventListener("change", (e) => { sessionStorage.setItem("dsvl2-key", e.target.value); loadModel(); });
