@@ -3,9 +3,12 @@
 A :class:`Scheduler` owns a :class:`~dsvl2.generation.static.SlotCache` of ``slots`` rows. Each
 :meth:`Scheduler.step` does at most two things, in this order:
 
-1. one prefill chunk (``prefill_chunk`` tokens) of the oldest sequence still reading its prompt, into
-   its own slot (vision runs when its first chunk does); when its prompt is done its first token is
-   sampled from the last position's logits, as ``generate`` does;
+1. prefill chunks of the sequences still reading their prompts, oldest first, until ``prefill_chunk``
+   prompt tokens were run (so several short prompts, or one chunk of a long one), each into its own
+   slot (vision runs with a sequence's first chunk); a chunk is ``prefill_chunk`` tokens from the
+   start of the prompt (or ``GenerateArgs.chunk_size``), the boundaries a single run with that chunk
+   size has; when a prompt is done its first token is sampled from the last position's logits, as
+   ``generate`` does;
 2. one static decode step (``StepRunner``: a CUDA graph on GPUs) for every sequence past its prompt,
    the batch padded to a bucket of slots ``0..B-1`` and the attention window to a bucket of columns.
 
@@ -124,14 +127,17 @@ class Scheduler:
             self.remove(seq)
 
     def step(self) -> list[tuple[Sequence, int]]:
-        """One prefill chunk and one decode step; the (sequence, new token) pairs they produced.
+        """Prefill chunks and one decode step; the (sequence, new token) pairs they produced.
 
         A sequence whose token ends it (EOS or ``max_new``) is finished and its slot freed.
         """
         out = []
-        pre = next((s for s in self.active if s.prefilled < s.prompt_len), None)
-        if pre is not None:
-            logits = self._prefill_chunk(pre)
+        budget = self.prefill_chunk
+        for pre in [s for s in self.active if s.prefilled < s.prompt_len]:
+            if budget <= 0:
+                break
+            budget -= min(seq_chunk := pre.args.chunk_size or self.prefill_chunk, pre.prompt_len - pre.prefilled)
+            logits = self._prefill_chunk(pre, seq_chunk)
             if logits is not None:
                 out.append((pre, self._end_if_done(pre, self._sample([pre], logits)[0])))
         live = [s for s in self.active if s.decoding and s.generated]
@@ -152,7 +158,7 @@ class Scheduler:
             self.remove(seq)
         return token
 
-    def _prefill_chunk(self, seq: Sequence) -> torch.Tensor | None:
+    def _prefill_chunk(self, seq: Sequence, chunk: int) -> torch.Tensor | None:
         """The next chunk of ``seq``'s prompt into its slot; its last-position logits once the prompt is done."""
         device, model = self.model.device, self.model
         if seq._embeds is None:
@@ -161,7 +167,7 @@ class Scheduler:
                                             for x in (seq.images, seq.images_seq_mask, seq.images_spatial_crop)))
         t = seq.prompt_len
         start = seq.prefilled
-        end = min(start + (seq.args.chunk_size or self.prefill_chunk), t)
+        end = min(start + chunk, t)
         mask = torch.ones(1, t, dtype=torch.bool, device=device)
         expanded = seq.args.expanded_prefill or seq.args.fused_attention
         hidden = prefill_chunk(model, seq._embeds, mask, positions_from_mask(mask), self.cache.row(seq.slot, start),
