@@ -3,6 +3,7 @@
     python bench/loadtest.py                                   # the shipped demo model, CPU, 64 requests
     python bench/loadtest.py --model /work/ckpt/tiny --device cuda --dtype bf16 --requests 256 --clients 64 \\
         --max-batch-size 64 --json out.json
+    python bench/loadtest.py --preset tiny --device cuda --requests 256 --clients 64 --max-batch-size 64
 
 Starts the server in this process (``create_app`` + ``background_server`` on 127.0.0.1, a free port:
 nothing else is reachable) and runs ``--requests`` chat requests from ``--clients`` threads, each a
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import torch
 
 import dsvl2
 from dsvl2.demo import MODEL_DIR
@@ -143,6 +145,9 @@ def run(pipe: dsvl2.Pipeline, requests: int = 64, clients: int = 16, max_batch_s
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default=str(MODEL_DIR), help="model directory (default: the shipped demo model)")
+    p.add_argument("--preset", default=None, help="instead: random weights of this preset built on the device")
+    p.add_argument("--layers", type=int, default=None, help="with --preset: that many language-model layers")
+    p.add_argument("--tokenizer-from", type=Path, default=None, help="with --preset: as bench/decode.py")
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--device", default=None)
     p.add_argument("--requests", type=int, default=64)
@@ -160,10 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     lo, hi = (int(x) for x in a.max_tokens.split(","))
-    pipe = dsvl2.load(a.model, dtype=a.dtype, device=a.device)
-    print(f"model {a.model} ({a.dtype}, {pipe.model.device}); torch threads {__import__('torch').get_num_threads()}",
+    if a.preset:  # random answers rarely end early: every request runs to its max_tokens
+        from decode import random_pipeline
+
+        device = torch.device(a.device or dsvl2.pipeline.default_device())
+        pipe = random_pipeline(a.preset, a.layers, dsvl2.pipeline.resolve_dtype(a.dtype), device, a.tokenizer_from, None)
+        a.model = f"random:{a.preset}" + (f"(layers={a.layers})" if a.layers else "")
+    else:
+        pipe = dsvl2.load(a.model, dtype=a.dtype, device=a.device)
+    print(f"model {a.model} ({a.dtype}, {pipe.model.device}); torch threads {torch.get_num_threads()}",
           file=sys.stderr)
-    report = run(pipe, a.requests, a.clients, a.max_batch_size, (lo, hi), a.cancel, a.seed, a.timeout, a.deadline,
+    report = {"model": a.model, "dtype": a.dtype, "device": str(pipe.model.device)}
+    report |= run(pipe, a.requests, a.clients, a.max_batch_size, (lo, hi), a.cancel, a.seed, a.timeout, a.deadline,
                  a.check, not a.no_cuda_graphs, not a.no_offline, tuple(int(x) for x in a.cancel_after.split(",")))
     print(json.dumps(report, indent=1))
     if a.json:

@@ -113,24 +113,24 @@ def test_gathered_experts_equal_per_expert_loop():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_replay_equals_eager(dtype):
+    """Two slot caches fed the same tokens: replayed graphs give the eager step's logits (close: where the
+    grouped GEMM is missing, capture takes the gathered MoE form and eager the per-expert loop)."""
     model = toy_model("mla", seed=3, dtype=dtype).cuda()
     cfg = model.cfg.language_config
     caches = [SlotCache(cfg, 4, 128, dtype, "cuda") for _ in range(2)]
     runners = [StepRunner(model, caches[0], graphs=False), StepRunner(model, caches[1], graphs=True)]
     ids, mask, tiles, seq_mask, crop = toy_batch(model, seed=5, lengths=(9,))
     embeds = model.prepare_inputs_embeds(ids.cuda(), tiles.cuda(), seq_mask.cuda(), crop.cuda())
-    tokens = []
-    for cache, runner in zip(caches, runners):
-        for slot in (0, 2):  # two live slots, two idle ones
+    live = [0, 2]  # two live slots, two idle ones
+    for cache in caches:
+        for slot in live:
             first = prefill(model, embeds, mask.cuda(), cache.row(slot))
             cache.lengths[slot], cache.tokens[slot] = ids.shape[1], first.argmax(-1)[0]
-        got = []
-        for _ in range(8):
-            logits = runner(4, 64)
-            nxt = logits.argmax(-1)
-            got.append(nxt[[0, 2]].tolist())
-            cache.tokens[[0, 2]] = nxt[[0, 2]]
-            cache.lengths[[0, 2]] += 1
-        tokens.append(got)
-    assert tokens[0] == tokens[1]
-    assert runners[1].captured == [(4, 64)]
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    for _ in range(8):
+        eager, replayed = (runner(4, 64).clone() for runner in runners)
+        torch.testing.assert_close(replayed[live], eager[live], **tol)
+        for cache in caches:  # both continue from the eager step's tokens
+            cache.tokens[live] = eager[live].argmax(-1)
+            cache.lengths[live] += 1
+    assert runners[1].captured == [(4, 64)] and runners[0].captured == []
