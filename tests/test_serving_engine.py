@@ -116,6 +116,25 @@ def test_cancel_frees_the_slot_for_a_waiting_request(pipe: dsvl2.Pipeline) -> No
     assert (engine.stats.cancelled, engine.stats.aborted, engine.stats.completed) == (1, 1, 1)
 
 
+def test_a_failing_prompt_fails_alone(pipe: dsvl2.Pipeline, golden_dir: Path) -> None:
+    engine = Engine(pipe, max_batch_size=2, max_queue=4)
+    bad, good = Sink(), Sink()
+    conv = pipe.conversation("What is shown?", images=[golden_dir / "images" / "tiny_20x20.png"])
+    batch = pipe.prepare([conv])
+    batch.images_seq_mask[0, batch.images_seq_mask[0].nonzero()[0]] = False  # one image position short
+    engine.start()
+    try:
+        engine.submit(EngineRequest(conv, batch, dsvl2.GenerateArgs(4), _stops(pipe), bad))
+        engine.submit(_request(pipe, PROMPTS[0], good, max_new_tokens=5))
+        _wait([bad, good])
+    finally:
+        engine.stop()
+    kind, exc = bad.events[-1]
+    assert kind == "error" and isinstance(exc, dsvl2.errors.InputError) and "image positions" in str(exc)
+    assert good.text == _single(pipe, PROMPTS[0], max_new_tokens=5)
+    assert (engine.stats.failed, engine.stats.completed, engine.scheduler.free_slots) == (1, 1, 2)
+
+
 def test_full_queue_refuses_at_once(pipe: dsvl2.Pipeline) -> None:
     engine = Engine(pipe, max_batch_size=1, max_queue=1)  # not started: nothing leaves the queue
     engine.submit(_request(pipe, "Hi", Sink()))

@@ -191,6 +191,10 @@ class Engine:
             self.scheduler.clear()
             return
         self.stats.steps, self.stats.max_batch_seen = self.scheduler.steps, self.scheduler.max_batch_seen
+        while self.scheduler.failures:
+            seq, exc = self.scheduler.failures.pop()
+            if (run := self._running.get(seq)) is not None:
+                self._fail(run, exc)
         for seq, token in out:
             run = self._running.get(seq)
             if run is None or run.req.cancelled.is_set():

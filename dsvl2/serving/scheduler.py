@@ -86,6 +86,7 @@ class Scheduler:
         self.runner = StepRunner(model, self.cache, graphs=graphs)
         self.active: list[Sequence] = []  # in arrival order
         self._free = list(range(slots))
+        self.failures: list[tuple[Sequence, Exception]] = []  # sequences whose prefill raised; the caller drains it
         self.steps = 0  # decode steps run
         self.max_batch_seen = 0
 
@@ -129,7 +130,8 @@ class Scheduler:
     def step(self) -> list[tuple[Sequence, int]]:
         """Prefill chunks and one decode step; the (sequence, new token) pairs they produced.
 
-        A sequence whose token ends it (EOS or ``max_new``) is finished and its slot freed.
+        A sequence whose token ends it (EOS or ``max_new``) is finished and its slot freed; one whose
+        prefill raised is removed and listed in :attr:`failures`. A failing decode step raises.
         """
         out = []
         budget = self.prefill_chunk
@@ -137,7 +139,12 @@ class Scheduler:
             if budget <= 0:
                 break
             budget -= min(seq_chunk := pre.args.chunk_size or self.prefill_chunk, pre.prompt_len - pre.prefilled)
-            logits = self._prefill_chunk(pre, seq_chunk)
+            try:
+                logits = self._prefill_chunk(pre, seq_chunk)
+            except Exception as exc:  # noqa: BLE001  (a bad prompt, e.g. images that do not fit: its own failure)
+                self.remove(pre)
+                self.failures.append((pre, exc))
+                continue
             if logits is not None:
                 out.append((pre, self._end_if_done(pre, self._sample([pre], logits)[0])))
         live = [s for s in self.active if s.decoding and s.generated]
