@@ -18,7 +18,7 @@ preallocated cache with its own length, held on the device (``SlotCache.lengths`
 It is the same model code as ``decode_one_token`` (the same modules, called with a mask and a cache
 whose ``update`` writes per row), so with the same batch and ``window`` equal to the cache length it
 gives the same numbers bit for bit; over a longer window BLAS sums the extra (zero) terms in another
-blocking, so it is close (fp32: ~1e-6 relative) with the same greedy tokens (tests/test_static_decode.py).
+blocking, so it is close (fp32: within 1e-5) with the same greedy tokens (tests/test_static_decode.py).
 """
 
 from __future__ import annotations
