@@ -134,3 +134,21 @@ def test_cuda_graph_replay_equals_eager(dtype):
             cache.tokens[live] = eager[live].argmax(-1)
             cache.lengths[live] += 1
     assert runners[1].captured == [(4, 64)] and runners[0].captured == []
+
+
+@pytest.mark.parametrize("variant", ["mha", "mla"])
+def test_lone_request_decodes_as_a_single_run_in_bf16(variant):
+    """One request in the scheduler (slot 0, eager) decodes through ``decode_one_token`` itself: in bf16,
+    where any other summation order would soon change a token, its tokens are the single run's."""
+    from dsvl2.serving.scheduler import Scheduler, Sequence
+
+    model = toy_model(variant, seed=6, dtype=torch.bfloat16)
+    ids, mask, tiles, seq_mask, crop = toy_batch(model, seed=9, lengths=(12,))
+    args = GenerateArgs(max_new_tokens=24)
+    single = [int(s.tokens[0]) for s in generate(model, ids, mask, tiles, seq_mask, crop, args, -1)]
+    sched = Scheduler(model, -1, slots=4, max_len=256)
+    seq = Sequence(ids, args, tiles, seq_mask, crop)
+    sched.add(seq)
+    while not seq.finished:
+        sched.step()
+    assert seq.generated == single and sched.free_slots == 4

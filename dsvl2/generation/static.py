@@ -33,6 +33,7 @@ from ..model.cache import KVCache, LatentCache, make_cache
 from ..model.llm import causal_mask
 from ..model.quant import linear
 from ..model.vlm import DSVL2
+from .generate import decode_one_token
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MIN_WINDOW = 64
@@ -152,6 +153,13 @@ class StepRunner:
         graph, out = self._graphs[key]
         graph.replay()
         return out
+
+    def single(self, length: int) -> torch.Tensor:
+        """Slot 0 alone, holding ``length`` tokens, eagerly: today's ``decode_one_token`` over a batch-1 view
+        of the slot, so one running request decodes bit for bit as a single run (CPU kernels included)."""
+        mask = torch.ones(1, length + 1, dtype=torch.bool, device=self.cache.tokens.device)
+        return decode_one_token(self.model, self.cache.tokens[:1], mask, self.cache.row(0, length), self.fused,
+                                padded=False)
 
     @property
     def captured(self) -> list[tuple[int, int]]:

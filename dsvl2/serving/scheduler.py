@@ -10,7 +10,9 @@ A :class:`Scheduler` owns a :class:`~dsvl2.generation.static.SlotCache` of ``slo
    size has; when a prompt is done its first token is sampled from the last position's logits, as
    ``generate`` does;
 2. one static decode step (``StepRunner``: a CUDA graph on GPUs) for every sequence past its prompt,
-   the batch padded to a bucket of slots ``0..B-1`` and the attention window to a bucket of columns.
+   the batch padded to a bucket of slots ``0..B-1`` and the attention window to a bucket of columns;
+   eagerly (CPU) with slot 0 the only one in use, today's ``decode_one_token`` on that slot instead
+   (``StepRunner.single``: a lone request decodes as a single run, CPU kernels included).
 
 So a long prompt delays the others by one chunk per step, not by its whole prefill, and a long answer
 never holds a short one: a sequence frees its slot the step it ends (EOS, ``max_new_tokens``, the
@@ -150,8 +152,10 @@ class Scheduler:
         live = [s for s in self.active if s.decoding and s.generated]
         if live:
             n = batch_bucket(max(s.slot for s in live) + 1, self.cache.slots)
-            window = window_bucket(max(s.length for s in live) + 1, self.max_len)
-            logits = self.runner(n, window)
+            if n == 1 and not self.runner.graphs:  # one request in slot 0, eager: exactly a single run's decode
+                logits = self.runner.single(live[0].length)
+            else:
+                logits = self.runner(n, window_bucket(max(s.length for s in live) + 1, self.max_len))
             rows = torch.tensor([s.slot for s in live], device=logits.device)
             tokens = self._sample(live, logits[rows])
             self.cache.lengths[rows] += 1
