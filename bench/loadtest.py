@@ -125,7 +125,8 @@ def run(pipe: dsvl2.Pipeline, requests: int = 64, clients: int = 16, max_batch_s
     report.update({
         "completed": len(ok), "cancelled": sum(j.status == "cancelled" for j in jobs), "failures": len(failed),
         "failure_examples": [f"#{j.index}: {j.status} {j.error}" for j in failed[:5]],
-        "wall_s": wall, "requests_per_s": len(ok) / wall, "output_tokens": out_tokens, "output_tok_s": out_tokens / wall,
+        "wall_s": wall, "requests_per_s": len(ok) / wall, "output_tokens": out_tokens,
+        "output_tok_s": out_tokens / wall,
         "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
         "itl_p50_s": percentile(gaps, 50), "itl_p99_s": percentile(gaps, 99), "health_after": health,
     })
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         from decode import random_pipeline
 
         device = torch.device(a.device or dsvl2.pipeline.default_device())
-        pipe = random_pipeline(a.preset, a.layers, dsvl2.pipeline.resolve_dtype(a.dtype), device, a.tokenizer_from, None)
+        dtype = dsvl2.pipeline.resolve_dtype(a.dtype)
+        pipe = random_pipeline(a.preset, a.layers, dtype, device, a.tokenizer_from, None)
         a.model = f"random:{a.preset}" + (f"(layers={a.layers})" if a.layers else "")
     else:
         pipe = dsvl2.load(a.model, dtype=a.dtype, device=a.device)

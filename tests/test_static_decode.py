@@ -140,7 +140,7 @@ def test_cuda_graph_replay_equals_eager(dtype):
 def test_lone_request_decodes_as_a_single_run_in_bf16(variant):
     """One request in the scheduler (slot 0, eager) decodes through ``decode_one_token`` itself: in bf16,
     where any other summation order would soon change a token, its tokens are the single run's."""
-    from dsvl2.serving.scheduler import Scheduler, Sequence
+    from dsvl2.generation.scheduler import Scheduler, Sequence
 
     model = toy_model(variant, seed=6, dtype=torch.bfloat16)
     ids, mask, tiles, seq_mask, crop = toy_batch(model, seed=9, lengths=(12,))

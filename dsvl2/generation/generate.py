@@ -65,7 +65,7 @@ def prefill_chunk(model: DSVL2, inputs_embeds: torch.Tensor, attention_mask: tor
                   cache: LatentCache | KVCache, start: int, end: int, expanded: bool = False) -> torch.Tensor:
     """Prompt positions ``start:end`` into ``cache`` (which holds the first ``start``): hidden (B, end-start, D).
 
-    One chunk of :func:`prefill`; the serving scheduler runs the chunks of a newcomer between decode steps.
+    One chunk of :func:`prefill`; the scheduler (``scheduler.py``) runs the chunks of a newcomer between decode steps.
     """
     mask = causal_mask(attention_mask[:, :end], start, end - start, inputs_embeds.dtype)
     return model.language.model(inputs_embeds[:, start:end], positions[:, start:end], mask, cache, expanded)

@@ -3,7 +3,7 @@
 The HTTP layer prepares each request (images decoded, prompt tokenised and checked against the
 context limit) and submits an :class:`EngineRequest`; :meth:`Engine.submit` refuses it with
 :class:`QueueFull` when ``max_queue`` requests already wait (never blocks). The worker thread owns
-the model through a :class:`~.scheduler.Scheduler` of ``max_batch_size`` slots and loops:
+the model through a :class:`~dsvl2.generation.scheduler.Scheduler` of ``max_batch_size`` slots and loops:
 
 1. admit waiting requests into free slots (oldest first; cancelled ones are dropped);
 2. free the slots of running requests whose client went away (:meth:`EngineRequest.cancel`);
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InputError
+from ..generation import scheduler
 from ..generation.generate import GenerateArgs
 from ..pipeline import Pipeline, TextStream
 from ..processing.processor import Batch
-from . import scheduler
 
 Event = tuple[str, Any]
 _ids = itertools.count()

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError
-from ..generation.generate import GenerateArgs, prefill_chunk
-from ..generation.sampling import sample
-from ..generation.static import SlotCache, StepRunner, batch_bucket, window_bucket
+from .generate import GenerateArgs, prefill_chunk
+from .sampling import sample
+from .static import SlotCache, StepRunner, batch_bucket, window_bucket
 from ..model.vlm import DSVL2, positions_from_mask
 
 _ids = itertools.count()
