@@ -162,60 +162,37 @@ class Pipeline:
             conv = shorter
 
     # ---- generation ----------------------------------------------------------------------------
+    def text_stream(self, batch: Batch, row: int, stop: Sequence[str], skip_special_tokens: bool) -> TextStream:
+        """How row ``row`` of ``batch`` turns its generated ids into text (the server's engine uses it too)."""
+        prompt = int(batch.attention_mask[row].sum())
+        image_tokens = list(batch.num_image_tokens[row]) if batch.num_image_tokens else []
+        return TextStream(self.tokenizer, self.tokenizer.eos_id, stop, skip_special_tokens, prompt,
+                          image_tokens, self.context_limit)
+
     def events(self, batch: Batch, args: GenerateArgs, stop: Sequence[str],
-                skip_special_tokens: bool) -> Iterator[tuple[int, str] | list[Completion]]:
+               skip_special_tokens: bool) -> Iterator[tuple[int, str] | list[Completion]]:
         """Generate for every row of ``batch``.
 
         Yields ``(row, text_delta)`` as text becomes final (text that could still turn into a stop
         string is held back), and finally the list of :class:`Completion`.
         """
-        b = len(batch)
-        eos = self.tokenizer.eos_id
-        decoders = [StreamDecoder(self.tokenizer, skip_special_tokens) for _ in range(b)]
-        texts = [""] * b
-        emitted = [0] * b
-        ids: list[list[int]] = [[] for _ in range(b)]
-        done = [False] * b
-        reasons = ["length"] * b
-        hold = max((len(s) for s in stop), default=1) - 1
+        streams = [self.text_stream(batch, r, stop, skip_special_tokens) for r in range(len(batch))]
         steps = generate(self.model, batch.input_ids, batch.attention_mask, batch.images, batch.images_seq_mask,
-                         batch.images_spatial_crop, args, eos, processors=self.processors(args, b))
+                         batch.images_spatial_crop, args, self.tokenizer.eos_id,
+                         processors=self.processors(args, len(batch)))
         try:
             for step in steps:
                 for r, tok in enumerate(step.tokens.tolist()):
-                    if done[r]:
-                        continue
-                    if tok == eos:
-                        done[r], reasons[r] = True, "stop"
-                        texts[r] += decoders[r].flush()
-                        continue
-                    ids[r].append(tok)
-                    texts[r] += decoders[r].push(tok)
-                    cut = _find_stop(texts[r], stop, emitted[r])
-                    if cut is not None:
-                        texts[r] = texts[r][:cut]
-                        done[r], reasons[r] = True, "stop"
-                    elif len(texts[r]) - hold > emitted[r]:
-                        yield r, texts[r][emitted[r]:len(texts[r]) - hold]
-                        emitted[r] = len(texts[r]) - hold
-                if all(done):
+                    if not streams[r].done and (delta := streams[r].push(tok)):
+                        yield r, delta
+                if all(s.done for s in streams):
                     break
         finally:
             steps.close()
-        prompt_lens = batch.attention_mask.sum(-1).tolist()
-        out = []
-        for r in range(b):
-            if not done[r]:
-                texts[r] += decoders[r].flush()
-                cut = _find_stop(texts[r], stop, emitted[r])
-                if cut is not None:
-                    texts[r], reasons[r] = texts[r][:cut], "stop"
-            if len(texts[r]) > emitted[r]:
-                yield r, texts[r][emitted[r]:]
-            image_tokens = batch.num_image_tokens[r] if batch.num_image_tokens else []
-            out.append(Completion(texts[r], ids[r], reasons[r], int(prompt_lens[r]), list(image_tokens),
-                                  self.context_limit))
-        yield out
+        for r, s in enumerate(streams):
+            if delta := s.finish():
+                yield r, delta
+        yield [s.completion for s in streams]
 
     def processors(self, args: GenerateArgs, batch_size: int) -> list[LogitsProcessor]:
         """The logits processors ``args`` asks for (``constrain_boxes``: the box grammar;
@@ -316,6 +293,54 @@ def _find_stop(text: str, stop: Sequence[str], start: int) -> int | None:
         if i != -1 and (best is None or i < best):
             best = i
     return best
+
+
+class TextStream:
+    """One answer's ids -> text deltas: EOS ends it, a stop string cuts it, and text that could still
+    turn into a stop string is held back until it cannot. ``push`` each generated id (until ``done``),
+    then ``finish`` once; the deltas concatenate to ``completion.text``."""
+
+    def __init__(self, tokenizer: Any, eos_id: int, stop: Sequence[str], skip_special_tokens: bool,
+                 prompt_tokens: int, image_tokens: Sequence[int] = (), context_limit: int | None = None):
+        self.decoder = StreamDecoder(tokenizer, skip_special_tokens)
+        self.eos_id, self.stop, self.prompt_tokens = eos_id, list(stop), prompt_tokens
+        self.image_tokens, self.context_limit = list(image_tokens), context_limit
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.text, self.emitted, self.ids = "", 0, []
+        self.done, self.reason = False, "length"
+
+    def _release(self, upto: int) -> str:
+        delta = self.text[self.emitted:upto] if upto > self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        return delta
+
+    def push(self, token: int) -> str:
+        if token == self.eos_id:
+            self.done, self.reason = True, "stop"
+            self.text += self.decoder.flush()
+            return ""
+        self.ids.append(token)
+        self.text += self.decoder.push(token)
+        cut = _find_stop(self.text, self.stop, self.emitted)
+        if cut is not None:
+            self.text, self.done, self.reason = self.text[:cut], True, "stop"
+            return ""
+        return self._release(len(self.text) - self.hold)
+
+    def finish(self) -> str:
+        """The rest of the text (an answer that ran out of tokens is flushed and checked for stops)."""
+        if not self.done:
+            self.text += self.decoder.flush()
+            cut = _find_stop(self.text, self.stop, self.emitted)
+            if cut is not None:
+                self.text, self.reason = self.text[:cut], "stop"
+            self.done = True
+        return self._release(len(self.text))
+
+    @property
+    def completion(self) -> Completion:
+        return Completion(self.text, self.ids, self.reason, self.prompt_tokens, self.image_tokens,
+                          self.context_limit)
 
 
 def load(model_dir: str | Path | None = None, dtype: str | torch.dtype = "bf16", device: str | None = None,

@@ -1,5 +1,5 @@
 """The HTTP server over a live uvicorn on 127.0.0.1: routes, limits, error objects, API key,
-cancellation, queue overflow; plus the engine's batching rules and the protocol helpers by hand.
+cancellation, queue overflow; plus the protocol helpers by hand (the engine: test_serving_engine.py).
 
 Also holds the helpers the other server tests import (``ScriptedPipeline``, ``png_data_url``...):
 the golden micro checkpoint has random weights, so grounded answers are scripted for prompts that
@@ -29,7 +29,6 @@ pytest.importorskip("uvicorn", reason="the server tests need the serve extra (uv
 
 from dsvl2.serving import ServeArgs
 from dsvl2.serving.app import background_server, create_app
-from dsvl2.serving.engine import Engine, EngineRequest, QueueFull
 from dsvl2.serving.protocol import APIError, ChatRequest, grounding_entries
 
 BOX_A, BOX_B = [100, 200, 500, 700], [600, 300, 900, 800]
@@ -37,29 +36,44 @@ TIMEOUT = 60.0
 
 
 class ScriptedPipeline(Pipeline):
-    """The real pipeline, except that a batch whose every row asks for grounding (``<|ref|>`` or
-    ``<|grounding|>`` in the last user turn) or says ``SLOW`` gets a scripted answer, streamed in
-    small pieces (``SLOW`` waits for :attr:`gate` first, for queue tests)."""
+    """The real pipeline, except that a row whose last user turn asks for grounding (``<|ref|>`` or
+    ``<|grounding|>``) or says ``SLOW`` gets a scripted answer in place of the model's text, streamed
+    in small pieces as tokens arrive (``SLOW`` waits for :attr:`gate` first, for queue tests)."""
 
     gate = threading.Event()  # open except while test_full_queue_is_503 holds it shut
 
-    def events(self, batch: Any, args: Any, stop: Any, skip_special_tokens: bool) -> Iterator[Any]:
-        tails = [f.rsplit("user:", 1)[-1] for f in batch.sft_format]
-        scripted = [_script(t) for t in tails]
-        if not any(s is not None for s in scripted):
-            yield from super().events(batch, args, stop, skip_special_tokens)
-            return
-        assert all(s is not None for s in scripted), "tests send scripted prompts alone"
-        if any("SLOW" in t for t in tails):
-            assert self.gate.wait(TIMEOUT), "the test never opened the gate"
-        out = []
-        for row, text in enumerate(scripted):
-            for i in range(0, len(text), 7):
-                time.sleep(0.01)
-                yield row, text[i:i + 7]
-            prompt = int(batch.attention_mask[row].sum())
-            out.append(Completion(text, list(range(len(text) // 4)), "stop", prompt))
-        yield out
+    def text_stream(self, batch: Any, row: int, stop: Any, skip_special_tokens: bool) -> Any:
+        tail = batch.sft_format[row].rsplit("user:", 1)[-1]
+        text = _script(tail)
+        if text is None:
+            return super().text_stream(batch, row, stop, skip_special_tokens)
+        return _ScriptedStream(text, "SLOW" in tail, int(batch.attention_mask[row].sum()))
+
+
+class _ScriptedStream:
+    """A ``TextStream`` that ignores the model's tokens: one 7-character piece of the script per token,
+    the rest at ``finish``."""
+
+    def __init__(self, text: str, slow: bool, prompt: int) -> None:
+        self.text, self.slow, self.prompt, self.emitted, self.done = text, slow, prompt, 0, False
+
+    def push(self, token: int) -> str:
+        if self.slow and self.emitted == 0:
+            assert ScriptedPipeline.gate.wait(TIMEOUT), "the test never opened the gate"
+        time.sleep(0.01)
+        piece = self.text[self.emitted:self.emitted + 7]
+        self.emitted += len(piece)
+        self.done = self.emitted >= len(self.text)
+        return piece
+
+    def finish(self) -> str:
+        self.done = True
+        rest, self.emitted = self.text[self.emitted:], len(self.text)
+        return rest
+
+    @property
+    def completion(self) -> Completion:
+        return Completion(self.text, list(range(len(self.text) // 4)), "stop", self.prompt)
 
 
 ScriptedPipeline.gate.set()
@@ -244,7 +258,7 @@ def test_stream_disconnect_cancels_generation(server: str) -> None:
         for line in r.iter_lines():  # leave once text arrives: the request is surely generating
             if '"content": "' in line and '"content": ""' not in line:
                 break
-    health = _wait_health(server, lambda h: h["aborted_batches"] > before["aborted_batches"] and h["running"] == 0)
+    health = _wait_health(server, lambda h: h["aborted"] > before["aborted"] and h["running"] == 0)
     assert health["cancelled"] == before["cancelled"] + 1 and health["completed"] == before["completed"]
 
 
@@ -259,7 +273,7 @@ def test_nonstream_disconnect_cancels_generation(server: str) -> None:
 
 
 def test_full_queue_is_503(pipe: ScriptedPipeline) -> None:
-    args = ServeArgs(max_queue=1, max_batch_size=1, batch_wait_ms=0)
+    args = ServeArgs(max_queue=1, max_batch_size=1)
     slow = {"messages": [user("SLOW please")]}
     results: list[int] = []
     threads = [threading.Thread(target=lambda: results.append(post(base, slow).status_code)) for _ in range(2)]
@@ -274,57 +288,10 @@ def test_full_queue_is_503(pipe: ScriptedPipeline) -> None:
         finally:
             pipe.gate.set()
         assert r.status_code == 503 and r.json()["error"]["code"] == "server_overloaded"
+        assert r.headers["retry-after"] == "1"
         for t in threads:
             t.join(TIMEOUT)
         assert results == [200, 200]
-
-
-# ---- engine batching rules, with a recording fake pipeline -------------------------------------------
-class _FakePipe:
-    def __init__(self) -> None:
-        self.batches: list[int] = []
-        self.gate = threading.Event()
-
-    def prepare(self, conversations: list[Any], image_token_budget: int | None = None) -> list[Any]:
-        return list(conversations)
-
-    def events(self, batch: Any, args: Any, stop: Any, skip: bool) -> Iterator[Any]:
-        self.gate.wait(10)
-        self.batches.append(len(batch))
-        yield from ((r, "x") for r in range(len(batch)))
-        yield [Completion("x", [1], "stop", 1) for _ in batch]
-
-
-def _request(args: dsvl2.GenerateArgs, sink: list[Any]) -> EngineRequest:
-    return EngineRequest([{"role": "user", "content": "hi"}], ["one"], args, (), sink.append)
-
-
-def test_engine_batches_equal_settings_and_runs_seeded_sampling_alone() -> None:
-    fake = _FakePipe()
-    engine = Engine(fake, max_batch_size=8, max_queue=16, batch_wait_s=0.0)  # type: ignore[arg-type]
-    sinks: list[list[Any]] = [[] for _ in range(7)]
-    greedy, seeded = dsvl2.GenerateArgs(max_new_tokens=4), dsvl2.GenerateArgs(4, temperature=0.7, seed=1)
-    reqs = [_request(greedy, sinks[i]) for i in range(4)] + [_request(seeded, sinks[4 + i]) for i in range(2)]
-    reqs.append(_request(greedy, sinks[6]))
-    reqs[1].cancel()  # cancelled while queued: never runs
-    for r in reqs:
-        engine.submit(r)
-    engine.start()
-    fake.gate.set()
-    deadline = time.monotonic() + 10
-    while engine.stats.completed < 6 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    engine.stop()
-    assert sorted(fake.batches) == [1, 1, 4]  # 4 live greedy rows together, each seeded one alone
-    assert sinks[1] == [] and engine.stats.cancelled == 1
-    assert all(s[-1][0] == "done" for i, s in enumerate(sinks) if i != 1)
-
-
-def test_engine_full_queue() -> None:
-    engine = Engine(_FakePipe(), max_queue=1)  # type: ignore[arg-type]
-    engine.submit(_request(dsvl2.GenerateArgs(), []))
-    with pytest.raises(QueueFull):
-        engine.submit(_request(dsvl2.GenerateArgs(), []))
 
 
 # ---- protocol by hand ------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def pipe(golden_dir: Path) -> ScriptedPipeline:
 
 @pytest.fixture(scope="module")
 def base(pipe: ScriptedPipeline) -> Iterator[str]:
-    args = ServeArgs(api_key=KEY, max_batch_size=16, max_images=4, default_max_tokens=6, batch_wait_ms=50)
+    args = ServeArgs(api_key=KEY, max_batch_size=16, max_images=4, default_max_tokens=6)
     with background_server(create_app(pipe, args)) as url:
         yield url
 

@@ -59,10 +59,19 @@ def prefill(model: DSVL2, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
     step = chunk_size or t
     hidden = None
     for start in range(0, t, step):
-        end = min(start + step, t)
-        mask = causal_mask(attention_mask[:, :end], start, end - start, inputs_embeds.dtype)
-        hidden = model.language.model(inputs_embeds[:, start:end], positions[:, start:end], mask, cache, expanded)
+        hidden = prefill_chunk(model, inputs_embeds, attention_mask, positions, cache, start, min(start + step, t),
+                               expanded)
     return model.language.logits(hidden[:, -1:])[:, -1]
+
+
+def prefill_chunk(model: DSVL2, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                  cache: LatentCache | KVCache, start: int, end: int, expanded: bool = False) -> torch.Tensor:
+    """Prompt positions ``start:end`` into ``cache`` (which holds the first ``start``): hidden (B, end-start, D).
+
+    One chunk of :func:`prefill`; the scheduler (``scheduler.py``) runs the chunks of a newcomer between decode steps.
+    """
+    mask = causal_mask(attention_mask[:, :end], start, end - start, inputs_embeds.dtype)
+    return model.language.model(inputs_embeds[:, start:end], positions[:, start:end], mask, cache, expanded)
 
 
 @torch.no_grad()

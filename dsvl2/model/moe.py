@@ -91,6 +91,11 @@ def grouped_mm_supported(x: torch.Tensor) -> bool:
     return False
 
 
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (no host syncs allowed)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def dispatch(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, n_experts: int,
              run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """x (N, D), idx/weight (N, K) -> sum_k weight * expert_idx(x), in x's dtype.
@@ -144,7 +149,7 @@ class Experts(nn.Module):
                 and not parametrize.is_parametrized(self)):  # opt-in fused decode kernel
             return cpu_kernels.moe(x, self.gate_proj, self.up_proj, self.down_proj, idx, weight)
         if not grouped_mm_supported(x):
-            run = self._per_expert
+            run = self._gathered if capturing() else self._per_expert  # no host sync inside a CUDA graph
         elif self._column_form_ok(x):
             run = self._grouped_columns  # decode on CPU: at most N rows per expert
         else:
@@ -181,6 +186,19 @@ class Experts(nn.Module):
         cols = _stride_aligned(rows.mT)  # (D, N*K)
         h = F.silu(torch._grouped_mm(gate, cols, offs=offs)) * torch._grouped_mm(up, cols, offs=offs)  # (I, N*K)
         return torch._grouped_mm(down, _stride_aligned(h), offs=offs).mT  # (N*K, D)
+
+    def _gathered(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Fixed shapes, no host sync: each row multiplies its own expert's weights, gathered (R, I, D).
+
+        For CUDA-graph capture where the grouped GEMM is unavailable (before sm90, fp16/fp32): it copies
+        one expert's weights per row, so it suits decode batches (rows <= a few experts' worth), not
+        prefill. Close to the per-expert loop, not bit-identical (batched GEMV instead of a GEMM).
+        """
+        ends = counts.cumsum(0, dtype=torch.long)  # (E,)
+        expert = torch.searchsorted(ends, torch.arange(rows.shape[0], device=rows.device), right=True)  # (R,)
+        x = rows.unsqueeze(-1)  # (R, D, 1)
+        h = F.silu(torch.bmm(self.gate_proj[expert], x)) * torch.bmm(self.up_proj[expert], x)  # (R, I, 1)
+        return torch.bmm(self.down_proj[expert], h).squeeze(-1)  # (R, D)
 
     def _per_expert(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         outs, start = [], 0

@@ -1,7 +1,7 @@
 """HTTP serving: an OpenAI-compatible chat-completions server with a web chat page.
 
 ``create_app(pipe, ServeArgs())`` (:mod:`.app`) builds the FastAPI app over an
-:class:`~.engine.Engine` (request queue + batching worker); :mod:`.protocol` holds the wire format.
+:class:`~.engine.Engine` (request queue + continuous-batching worker); :mod:`.protocol` holds the wire format.
 FastAPI and uvicorn come with the ``serve`` extra (``pip install 'dsvl2[serve]'``); importing this
 package does not import them, so :class:`ServeArgs` (the ``dsvl2 serve`` flags) is defined here.
 """
@@ -25,9 +25,10 @@ class ServeArgs:
     max_image_pixels: int = 4096 * 4096
     max_context: int | None = None  # lower the model's context limit (prompt + max_tokens)
     default_max_tokens: int = 512
-    max_batch_size: int = 8
-    max_queue: int = 64
-    batch_wait_ms: float = 10.0
+    max_batch_size: int = 8  # slots of the continuous batch
+    max_queue: int = 64  # waiting requests beyond the slots; more are refused (503 + Retry-After)
+    prefill_chunk: int = 512  # prompt tokens a newcomer prefills between two decode steps of the others
+    no_cuda_graphs: bool = False  # decode eagerly on CUDA instead of replaying captured graphs
     allow_remote_images: bool = False  # fetch http(s) image URLs
     local_images: Path | None = None  # serve image paths under this folder
     chunk_size: int | None = None  # prefill chunk length (long prompts on small GPUs)

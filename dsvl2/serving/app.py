@@ -6,10 +6,10 @@ Routes: ``POST /v1/chat/completions`` (JSON or server-sent events), ``GET /v1/mo
 
 The app is a thin adapter over :class:`~dsvl2.serving.engine.Engine`: each request is parsed
 (:mod:`.protocol`), its images decoded and its prompt prepared and checked in a worker thread, then
-queued; the engine batches it and streams events back. Every client mistake is answered with an
+queued; the engine batches it continuously and streams events back. Every client mistake is answered with an
 OpenAI error object: 400 (bad value, bad image, over-long prompt), 401 (API key), 404 (unknown
-model or route), 413 (body or image too large), 422 (wrong JSON types), 503 (queue full, shutting
-down). Only a fault of the server itself is a 500.
+model or route), 413 (body or image too large), 422 (wrong JSON types), 503 (queue full, with
+``Retry-After``; shutting down). Only a fault of the server itself is a 500.
 """
 
 from __future__ import annotations
@@ -96,10 +96,10 @@ class Prepared:
 def create_app(pipe: Pipeline, args: ServeArgs | None = None) -> FastAPI:
     """The FastAPI app serving ``pipe``; the engine thread starts and stops with the app's lifespan."""
     args = args or ServeArgs()
-    engine = Engine(pipe, args.max_batch_size, args.max_queue, args.batch_wait_ms / 1000)
-    model_id = args.model_name or (pipe.model_dir.name if pipe.model_dir else "dsvl2")
     limit = pipe.model.cfg.language_config.max_position_embeddings
     context = min(limit, args.max_context or limit)
+    engine = Engine(pipe, args.max_batch_size, args.max_queue, args.prefill_chunk, not args.no_cuda_graphs, context)
+    model_id = args.model_name or (pipe.model_dir.name if pipe.model_dir else "dsvl2")
     policy = ImagePolicy(args.max_image_pixels, args.max_body_bytes, args.allow_remote_images, args.local_images)
     created = int(time.time())
 
@@ -203,13 +203,15 @@ def create_app(pipe: Pipeline, args: ServeArgs | None = None) -> FastAPI:
             with contextlib.suppress(RuntimeError):  # the loop is gone at shutdown
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        ereq = EngineRequest(prep.conversation, prep.batch, prep.args, prep.stop, on_event,
-                             image_token_budget=req.image_token_budget)
+        ereq = EngineRequest(prep.conversation, prep.batch, prep.args, prep.stop, on_event)
         try:
             engine.submit(ereq)
-        except (QueueFull, EngineStopped) as exc:
-            raise APIError(503, f"the server is busy, retry later: {exc}", code="server_overloaded",
-                           type="server_error") from exc
+        except QueueFull as exc:
+            error = APIError(503, f"the server is busy, retry later: {exc}", code="server_overloaded",
+                             type="server_error")
+            return JSONResponse(error.body(), 503, headers={"Retry-After": str(exc.retry_after)})
+        except EngineStopped as exc:
+            raise APIError(503, str(exc), code="server_shutting_down", type="server_error") from exc
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return StreamingResponse(_sse(events, ereq, cid, now, model_id, prep, req.include_usage, context),
