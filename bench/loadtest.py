@@ -136,8 +136,9 @@ def run(pipe: dsvl2.Pipeline, requests: int = 64, clients: int = 16, max_batch_s
         report["server_vs_offline"] = report["output_tok_s"] / report["offline"]["tok_s"]
     if check:
         stops = stop_strings(pipe.tokenizer.eos_token)
+        # the server's defaults: special tokens kept, <|det|> spans held to the box grammar
         wrong = [j.index for j in ok if j.text != pipe.complete(j.messages(), stop=stops, skip_special_tokens=False,
-                                                               max_new_tokens=j.max_tokens).text]
+                                                               max_new_tokens=j.max_tokens, constrain_boxes=True).text]
         report["checked"], report["mismatches"] = len(ok), wrong
     report["load_after"] = os.getloadavg()
     return report
