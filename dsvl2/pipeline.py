@@ -26,9 +26,10 @@ from .errors import ContextLengthError, InputError
 from .generation.box_order import OrderedBoxConstraint
 from .generation.constraints import BoxConstraint, LogitsProcessor, box_automaton
 from .generation.generate import GenerateArgs, generate
+from .model.ocr2 import DeepseekOCR2
 from .model.vlm import DSVL2
 from .processing.grounding import GroundingResult, parse_grounding
-from .processing.images import load_image
+from .processing.ocr2 import OCR2Processor
 from .processing.processor import Batch, Processor
 from .processing.tokenizer import StreamDecoder
 
@@ -86,7 +87,7 @@ class Completion:
 class Pipeline:
     """A loaded model with its processor. Create with :func:`dsvl2.load`."""
 
-    def __init__(self, model: DSVL2, processor: Processor, model_dir: str | Path | None = None):
+    def __init__(self, model: DSVL2 | DeepseekOCR2, processor: Processor | OCR2Processor, model_dir: str | Path | None = None):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -111,7 +112,7 @@ class Pipeline:
         for m in conv:
             imgs = m.get("images") or []
             if imgs:
-                m["images"] = [load_image(x) for x in imgs]
+                m["images"] = [self.processor.load_image(x) for x in imgs]
                 tags = m["content"].count("<image>")
                 if tags > len(imgs):
                     raise InputError(f"a message has {tags} <image> placeholders but {len(imgs)} image(s)")
@@ -363,5 +364,8 @@ def load(model_dir: str | Path | None = None, dtype: str | torch.dtype = "bf16",
         model_dir = default_model_dir()
     device = device or default_device()
     model = load_model(model_dir, dtype=resolve_dtype(dtype), device=device, progress=progress, quantize=quantize)
-    processor = Processor.from_pretrained(model_dir)
+    if isinstance(model, DeepseekOCR2):
+        processor: Processor | OCR2Processor = OCR2Processor.from_pretrained(model_dir, model.cfg)
+    else:
+        processor = Processor.from_pretrained(model_dir)
     return Pipeline(model, processor, model_dir)

@@ -82,8 +82,9 @@ class Tokenizer:
         self.det_id = self.token_id(SPECIAL_TOKENS["det_id"])
         self.det_end_id = self.token_id(SPECIAL_TOKENS["det_end_id"])
         self.grounding_id = self.token_id(SPECIAL_TOKENS["grounding_id"])
-        self.user_id = self.token_id(SPECIAL_TOKENS["user_id"])
-        self.assistant_id = self.token_id(SPECIAL_TOKENS["assistant_id"])
+        # Role tokens: DeepSeek-OCR tokenizers have none (their plain prompts carry no roles) -> None.
+        self.user_id: int | None = tokenizer.token_to_id(SPECIAL_TOKENS["user_id"])
+        self.assistant_id: int | None = tokenizer.token_to_id(SPECIAL_TOKENS["assistant_id"])
 
     @classmethod
     def from_file(cls, path: str | Path, **special: str) -> "Tokenizer":
