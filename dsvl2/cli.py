@@ -1,4 +1,4 @@
-"""``dsvl2`` command line: chat | ground | serve | info | eval | train.
+"""``dsvl2`` command line: chat | ground | serve | info | eval | train | ocr.
 
 Each subcommand parses flags and calls a library function a user could call directly. Heavy
 subsystems (server, training, evaluation) are imported only when their subcommand runs.
@@ -22,6 +22,7 @@ EXAMPLES = {
     "info": "dsvl2 info --model ./deepseek-vl2-tiny     # or: dsvl2 info --preset small",
     "eval": "dsvl2 eval --task demo --data demo_eval/data.jsonl --out runs/eval-demo",
     "train": "dsvl2 train --stage 3 --config recipe.toml --data train.jsonl --out runs/sft",
+    "ocr": "dsvl2 ocr --model ./DeepSeek-OCR-2 paper.pdf scan.png -o out/   # Markdown + boxes per document",
 }
 
 # subcommand -> (module, add-arguments function, main function, help)
@@ -32,6 +33,7 @@ COMMANDS = {
     "info": ("dsvl2.cli", "add_info_arguments", "info_main", "parameters, activated parameters, memory"),
     "eval": ("dsvl2.evaluation.run", "add_eval_arguments", "eval_main", "run a benchmark from local files"),
     "train": ("dsvl2.cli_train", "add_train_arguments", "train_main", "train a stage (align / pretrain / sft)"),
+    "ocr": ("dsvl2.ocr", "add_ocr_arguments", "ocr_main", "PDFs / page images -> Markdown with DeepSeek-OCR 2"),
 }
 
 

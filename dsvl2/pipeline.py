@@ -264,10 +264,18 @@ class Pipeline:
                        skip_special_tokens: bool = True, chunk_size: int | None = None,
                        stop: Sequence[str] = (), image_token_budget: int | None = None, **gen: Any) -> list[str]:
         """Answers for many conversations decoded together (greedy by default); rows equal singles."""
+        return [c.text for c in self.complete_batch(conversations, max_new_tokens=max_new_tokens,
+                                                    skip_special_tokens=skip_special_tokens,
+                                                    chunk_size=chunk_size, stop=stop, **gen)]
+
+    def complete_batch(self, conversations: Sequence[Messages], *, max_new_tokens: int = 512,
+                       skip_special_tokens: bool = True, chunk_size: int | None = None,
+                       stop: Sequence[str] = (), **gen: Any) -> list[Completion]:
+        """:meth:`generate_batch` with each answer's metadata (token ids, finish reason, counts)."""
         convs = [self.conversation(c) for c in conversations]
         batch = self.prepare(convs, image_token_budget)
         args = self.generate_args(max_new_tokens=max_new_tokens, chunk_size=chunk_size, **gen)
-        return [c.text for c in self._run(batch, args, stop, skip_special_tokens)]
+        return self._run(batch, args, stop, skip_special_tokens)
 
     def ground(self, image: ImageLike, expression: str, **gen: Any) -> GroundingResult:
         """Locate ``expression`` in ``image``: boxes in 0-999 coordinates (``Box.to_pixels`` for pixels).
