@@ -47,7 +47,8 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def info_main(args: argparse.Namespace) -> int:
-    from .config import PRESETS, DSVL2Config
+    from .config import PRESETS
+    from .config_ocr2 import read_config
     from .stats import count_parameters, human
 
     if args.preset:
@@ -57,7 +58,7 @@ def info_main(args: argparse.Namespace) -> int:
             from .demo import default_model_dir
 
             args.model = str(default_model_dir())
-        cfg, source = DSVL2Config.from_hf_json(args.model), args.model
+        cfg, source = read_config(args.model), args.model
     lc = cfg.language_config
     counts = count_parameters(cfg)
     width = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]

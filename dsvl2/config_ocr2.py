@@ -163,13 +163,23 @@ class LinearProjectorConfig:
             raise ConfigError(f"projector_config.projector_type {self.projector_type!r}: DeepSeek-OCR 2 uses 'linear'")
 
 
+# The released language model (Tiny's structure, 8192 positions): the default of OCR2Config.
+OCR2_TINY_LANGUAGE = LanguageConfig(
+    vocab_size=129280, hidden_size=1280, intermediate_size=6848, moe_intermediate_size=896,
+    num_hidden_layers=12, num_attention_heads=10, num_key_value_heads=10, use_mla=False,
+    kv_lora_rank=None, q_lora_rank=None, qk_nope_head_dim=0, qk_rope_head_dim=0, v_head_dim=0,
+    n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1,
+    topk_method="greedy", n_group=1, topk_group=1, max_position_embeddings=8192,
+    bos_token_id=0, eos_token_id=1)
+
+
 @dataclass(frozen=True)
 class OCR2Config:
     """The whole DeepSeek-OCR 2 model; :func:`read_config` tells it from a DeepSeek-VL2 file."""
 
     vision_config: OCR2VisionConfig = field(default_factory=OCR2VisionConfig)
     projector_config: LinearProjectorConfig = field(default_factory=LinearProjectorConfig)
-    language_config: LanguageConfig = field(default_factory=LanguageConfig)
+    language_config: LanguageConfig = field(default_factory=lambda: OCR2_TINY_LANGUAGE)
     tile_tag: str = "2D"
     global_view_pos: str = "head"  # stored by the released file; the official layout ignores it
     candidate_resolutions: tuple[tuple[int, int], ...] = ((1024, 1024),)  # "placeholder no use" officially
@@ -249,15 +259,4 @@ def read_config(path: str | Path):
     return DSVL2Config.from_dict(data, where=str(path))
 
 
-# The released model (defaults = the official values); "ocr2-toy" is what tests build.
-OCR2_TINY_LANGUAGE = LanguageConfig(
-    vocab_size=129280, hidden_size=1280, intermediate_size=6848, moe_intermediate_size=896,
-    num_hidden_layers=12, num_attention_heads=10, num_key_value_heads=10, use_mla=False,
-    kv_lora_rank=None, q_lora_rank=None, qk_nope_head_dim=0, qk_rope_head_dim=0, v_head_dim=0,
-    n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1,
-    topk_method="greedy", n_group=1, topk_group=1, max_position_embeddings=8192,
-    bos_token_id=0, eos_token_id=1)
-
-OCR2_PRESETS: dict[str, OCR2Config] = {
-    "ocr2": OCR2Config(language_config=OCR2_TINY_LANGUAGE),
-}
+OCR2_PRESETS: dict[str, OCR2Config] = {"ocr2": OCR2Config()}  # the released model

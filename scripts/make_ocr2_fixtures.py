@@ -45,10 +45,10 @@ def sha(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
 
 
-def transformers_config():
+def transformers_config(d: dict = oc.DIMS, image_token_id: int = oc.IMAGE_TOKEN_ID):
+    """transformers' config for the checkpoint of dims ``d`` (it cannot read the official config.json)."""
     from transformers import DeepseekOcr2Config
 
-    d = oc.DIMS
     return DeepseekOcr2Config(
         vision_config=dict(
             sam_config=dict(hidden_size=d["sam_width"], output_channels=d["neck"], num_hidden_layers=d["sam_layers"],
@@ -60,13 +60,15 @@ def transformers_config():
                                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
                                 max_position_embeddings=4096)),
         text_config=dict(vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["inter"],
-                         moe_intermediate_size=d["moe_inter"], num_hidden_layers=2, num_attention_heads=d["heads"],
+                         moe_intermediate_size=d["moe_inter"], num_hidden_layers=d["lm_layers"],
+                         num_attention_heads=d["heads"],
                          num_key_value_heads=d["heads"], n_routed_experts=d["experts"], n_shared_experts=d["shared"],
                          num_experts_per_tok=d["top_k"], topk_method="greedy", n_group=1, topk_group=1,
-                         mlp_layer_types=["dense", "sparse"], rms_norm_eps=1e-6, routed_scaling_factor=1.0,
+                         mlp_layer_types=["dense"] + ["sparse"] * (d["lm_layers"] - 1), rms_norm_eps=1e-6,
+                         routed_scaling_factor=1.0,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                          max_position_embeddings=4096, bos_token_id=0, eos_token_id=1, pad_token_id=2),
-        image_token_id=oc.IMAGE_TOKEN_ID,
+        image_token_id=image_token_id,
     )
 
 

@@ -85,3 +85,28 @@ def test_checkpoint_with_a_wrong_shape_names_key_and_shapes(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"query_768.*\[143, 32\].*\[144, 32\]"):
         load_model(tmp_path, dtype=torch.float32)
+
+
+def test_default_encoders_have_the_published_parameter_counts():
+    """SAM ViT-B's image encoder (89,670,912 parameters, neck included) and Qwen2-0.5B without its
+    embedding table (494,032,768 - 151,936 x 896 = 357,898,112): the dims hard-coded officially."""
+    from dsvl2.config_ocr2 import OCR2VisionConfig
+    from dsvl2.model.ocr2_vision import build_encoders
+
+    with torch.device("meta"):
+        sam, enc = build_encoders(OCR2VisionConfig())
+
+    def count(*modules):
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    assert count(sam) - count(sam.net_2, sam.net_3) == 89_670_912
+    assert count(enc) - count(enc.query_768, enc.query_1024) == 357_898_112
+    assert (enc.query_1024.num_embeddings, enc.query_768.num_embeddings) == (256, 144)
+
+
+def test_info_reports_an_ocr2_directory(tmp_path, capsys):
+    from dsvl2.cli import main
+
+    assert main(["info", "--model", str(write(tmp_path, RELEASED)), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tile"] == 1024 and info["layers"] == 12 and info["attention"] == "MHA"

@@ -29,15 +29,20 @@ IMAGE_TOKEN_ID = 100
 DIMS = dict(
     image_size=256, tile_size=192, patch=4, sam_width=32, sam_layers=4, sam_heads=2, global_layers=(1, 3),
     window=14, neck=16, mid=24, dim=32, enc_layers=2, enc_heads=4, enc_kv=2, enc_inter=64,
-    hidden=64, vocab=512, inter=128, moe_inter=32, heads=4, experts=8, top_k=2, shared=1,
+    hidden=64, vocab=512, inter=128, moe_inter=32, heads=4, experts=8, top_k=2, shared=1, lm_layers=2,
+)
+# The released model's dimensions (bench/ocr2.py; its language depth can be cut with lm_layers).
+REAL_DIMS = dict(
+    image_size=1024, tile_size=768, patch=16, sam_width=768, sam_layers=12, sam_heads=12, global_layers=(2, 5, 8, 11),
+    window=14, neck=256, mid=512, dim=896, enc_layers=24, enc_heads=14, enc_kv=2, enc_inter=4864,
+    hidden=1280, vocab=129280, inter=6848, moe_inter=896, heads=10, experts=64, top_k=6, shared=2, lm_layers=12,
 )
 
 
-def config_json() -> dict:
-    d = DIMS
+def config_json(d: dict = DIMS) -> dict:
     lang = dict(
         vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["inter"],
-        moe_intermediate_size=d["moe_inter"], num_hidden_layers=2, num_attention_heads=d["heads"],
+        moe_intermediate_size=d["moe_inter"], num_hidden_layers=d["lm_layers"], num_attention_heads=d["heads"],
         num_key_value_heads=d["heads"], n_routed_experts=d["experts"], n_shared_experts=d["shared"],
         num_experts_per_tok=d["top_k"], first_k_dense_replace=1, moe_layer_freq=1, topk_method="greedy",
         n_group=1, topk_group=1, use_mla=False, kv_lora_rank=None, q_lora_rank=None, qk_nope_head_dim=0,
@@ -66,8 +71,7 @@ def config_json() -> dict:
     }
 
 
-def official_shapes() -> dict[str, tuple[int, ...]]:
-    d = DIMS
+def official_shapes(d: dict = DIMS) -> dict[str, tuple[int, ...]]:
     w, p, g = d["sam_width"], d["patch"], d["image_size"] // d["patch"]
     hd = w // d["sam_heads"]
     s: dict[str, tuple[int, ...]] = {
@@ -101,27 +105,29 @@ def official_shapes() -> dict[str, tuple[int, ...]]:
               "model.qwen2_model.query_1024.weight": (256, dim), "model.projector.layers.weight": (h, dim),
               "model.projector.layers.bias": (h,), "model.view_seperator": (h,),
               "model.embed_tokens.weight": (d["vocab"], h), "model.norm.weight": (h,), "lm_head.weight": (d["vocab"], h)})
-    for i in range(2):
+    for i in range(d["lm_layers"]):
         b = f"model.layers.{i}."
         s.update({b + f"self_attn.{x}_proj.weight": (h, h) for x in "qkvo"})
         s.update({b + "input_layernorm.weight": (h,), b + "post_attention_layernorm.weight": (h,)})
     s.update({"model.layers.0.mlp.gate_proj.weight": (d["inter"], h), "model.layers.0.mlp.up_proj.weight": (d["inter"], h),
-              "model.layers.0.mlp.down_proj.weight": (h, d["inter"]), "model.layers.1.mlp.gate.weight": (d["experts"], h)})
+              "model.layers.0.mlp.down_proj.weight": (h, d["inter"])})
     mi, si = d["moe_inter"], d["moe_inter"] * d["shared"]
-    for j in range(d["experts"]):
-        b = f"model.layers.1.mlp.experts.{j}."
-        s.update({b + "gate_proj.weight": (mi, h), b + "up_proj.weight": (mi, h), b + "down_proj.weight": (h, mi)})
-    s.update({"model.layers.1.mlp.shared_experts.gate_proj.weight": (si, h),
-              "model.layers.1.mlp.shared_experts.up_proj.weight": (si, h),
-              "model.layers.1.mlp.shared_experts.down_proj.weight": (h, si)})
+    for i in range(1, d["lm_layers"]):  # layer 0 dense (first_k_dense_replace 1), the others MoE
+        b = f"model.layers.{i}.mlp."
+        s[b + "gate.weight"] = (d["experts"], h)
+        for j in range(d["experts"]):
+            e = f"{b}experts.{j}."
+            s.update({e + "gate_proj.weight": (mi, h), e + "up_proj.weight": (mi, h), e + "down_proj.weight": (h, mi)})
+        s.update({b + "shared_experts.gate_proj.weight": (si, h), b + "shared_experts.up_proj.weight": (si, h),
+                  b + "shared_experts.down_proj.weight": (h, si)})
     return s
 
 
-def official_state() -> dict[str, torch.Tensor]:
-    """Non-trivial fp32 weights: N(0, 1/fan_in) matrices, norms 1 + N(0, 0.1), decisive router."""
+def official_state(d: dict = DIMS, dtype: torch.dtype = torch.float32):
+    """(key, tensor) in key order. Non-trivial weights: N(0, 1/fan_in) matrices, norms 1 + N(0, 0.1),
+    decisive router; drawn in fp32, then cast to ``dtype``."""
     g = torch.Generator().manual_seed(SEED)
-    out = {}
-    for key, shape in sorted(official_shapes().items()):
+    for key, shape in sorted(official_shapes(d).items()):
         x = torch.randn(shape, generator=g)
         if key.endswith(("norm1.weight", "norm2.weight", "layernorm.weight", "norm.weight", "neck.1.weight",
                          "neck.3.weight")):
@@ -136,16 +142,39 @@ def official_state() -> dict[str, torch.Tensor]:
             x = 0.1 * x
         else:
             x = x / (x[0].numel() if len(shape) == 4 else shape[-1]) ** 0.5
-        out[key] = x.contiguous()
-    return out
+        yield key, x.to(dtype).contiguous()
 
 
 def write_checkpoint(directory: Path) -> str:
     """Write config.json + model.safetensors; return the SHA-256 of the weights file."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config_json(), indent=2) + "\n")
-    save_file(official_state(), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_file(dict(official_state()), str(directory / "model.safetensors"), metadata={"format": "pt"})
     return hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
+
+
+def write_sharded(directory: Path, d: dict, dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 1 << 30) -> None:
+    """config.json + shards of about ``shard_bytes`` + index: large checkpoints without holding them whole."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config_json(d), indent=2) + "\n")
+    shards, current, size = [], {}, 0
+    weight_map = {}
+
+    def flush() -> None:
+        name = f"model-{len(shards) + 1:05d}.safetensors"
+        save_file(current, str(directory / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in current})
+        shards.append(name)
+
+    for key, t in official_state(d, dtype):
+        current[key] = t
+        size += t.numel() * t.element_size()
+        if size >= shard_bytes:
+            flush()
+            current, size = {}, 0
+    if current:
+        flush()
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 def inputs() -> dict[str, torch.Tensor]:
