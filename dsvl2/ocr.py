@@ -121,15 +121,16 @@ def regions(text: str, width: int, height: int) -> list[dict[str, Any]]:
     return out
 
 
-def to_markdown(text: str, image: Image.Image, crops_dir: Path, stem: str, keep_boxes: bool) -> str:
-    """The page's Markdown: layout spans removed (or kept), ``image`` regions cropped and linked."""
+def to_markdown(text: str, image: Image.Image, crops_dir: Path | None, stem: str, keep_boxes: bool) -> str:
+    """The page's Markdown: layout spans removed (or kept), ``image`` regions cropped and linked
+    (``crops_dir`` None: no crops written, figure spans removed like the others)."""
     if keep_boxes:
         return text
     count = 0
 
     def replace(m: re.Match) -> str:
         nonlocal count
-        if m.group(1).strip() != "image":
+        if m.group(1).strip() != "image" or crops_dir is None:
             return ""
         boxes = parse_grounding(m.group(0)).boxes
         if not boxes:
