@@ -6,6 +6,7 @@ DeepseekOcr2 exists only in transformers >= 5.23):
     python3 -m venv /tmp/venv-tf5
     /tmp/venv-tf5/bin/pip install torch==2.13.0 'transformers>=5.23' pillow safetensors
     /tmp/venv-tf5/bin/python scripts/make_ocr2_fixtures.py      # writes tests/fixtures/ocr2/
+    flock /tmp/dsvl2-big.lock /tmp/venv-tf5/bin/python scripts/make_ocr2_fixtures.py --real   # slow test's
 
 Model: the random official-layout checkpoint of ``tests/reference/ocr2_checkpoint.py`` loaded by
 ``DeepseekOcr2ForConditionalGeneration.from_pretrained`` through transformers' own key renaming
@@ -102,6 +103,37 @@ def model_fixtures(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return {k: v.contiguous() for k, v in tensors.items()}, meta
 
 
+REAL_ROWS = list(range(0, 256, 17))  # query rows kept from each view's output (the fixture stays small)
+REAL_LOGIT_ROWS = [0, 100, 548, 549, 550, 551]
+
+
+@torch.no_grad()
+def real_vision_fixtures(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The released vision dims in fp32 (language model cut to 2 layers): selected outputs only."""
+    from transformers import DeepseekOcr2ForConditionalGeneration
+
+    model, info = DeepseekOcr2ForConditionalGeneration.from_pretrained(
+        ckpt, config=transformers_config(oc.REAL_VISION_DIMS), dtype=torch.float32, output_loading_info=True)
+    if any(info.values()):
+        raise SystemExit(f"transformers did not load the real-dims checkpoint cleanly: {info}")
+    model.eval()
+    inp = oc.real_inputs()
+    ids, glob, tiles = inp["input_ids"], inp["global_views"], inp["tiles"]
+    vt = model.model.vision_tower
+    logits = model(input_ids=ids, pixel_values=glob, pixel_values_local=tiles, num_local_patches=[2]).logits
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=glob,
+                         pixel_values_local=tiles, num_local_patches=[2], max_new_tokens=8, do_sample=False)
+    tensors = {
+        "global_query_rows": vt(glob).last_hidden_state[:, REAL_ROWS],
+        "tile_query_rows": vt(tiles).last_hidden_state[:, [r for r in REAL_ROWS if r < 144]],
+        "logits_rows": logits[0, REAL_LOGIT_ROWS, :4096],
+        "last_logits_top": logits[0, -1].topk(64).values,
+    }
+    meta = {"query_rows": REAL_ROWS, "logit_rows": REAL_LOGIT_ROWS, "greedy_tokens": out[0, ids.shape[1]:].tolist(),
+            "last_top_ids": logits[0, -1].topk(64).indices.tolist()}
+    return {k: v.contiguous() for k, v in tensors.items()}, meta
+
+
 def official_global(image: Image.Image) -> torch.Tensor:
     """The official global view: ``ImageOps.pad`` to 1024 (grey 127), then (x/255 - 0.5)/0.5."""
     view = ImageOps.pad(image, (1024, 1024), color=(127, 127, 127))
@@ -158,6 +190,16 @@ def main() -> None:
     import transformers
 
     OUT.mkdir(parents=True, exist_ok=True)
+    if "--real" in sys.argv:  # the slow real-dims fixture (about 9 GB of disk and 5 GB of memory)
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory() as tmp:
+            oc.write_sharded(Path(tmp), oc.REAL_VISION_DIMS, dtype=torch.float32)
+            tensors, meta = real_vision_fixtures(Path(tmp))
+        save_file(tensors, str(OUT / "real_vision_outputs.safetensors"))
+        meta.update({"transformers": transformers.__version__, "torch": torch.__version__})
+        (OUT / "real_vision.json").write_text(json.dumps(meta, indent=1) + "\n")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         weights_sha = oc.write_checkpoint(Path(tmp))
         tensors, meta = model_fixtures(Path(tmp))

@@ -122,3 +122,36 @@ def test_processor_matches_transformers_and_the_official_rule(name, processor, g
     assert [i for i in ids[1:] if i != processor.image_id] == case["text_ids"]
     image_positions = [i for i, t in enumerate(ids) if t == processor.image_id]
     assert image_positions == list(range(image_positions[0], image_positions[0] + len(image_positions)))
+
+
+# ---- the released vision dims (slow) ---------------------------------------------------------------
+@pytest.mark.slow
+@torch.no_grad()
+def test_real_vision_dims_match_transformers(tmp_path):
+    """SAM ViT-B + the 24-layer query encoder at their released sizes, fp32, on a 1024 global view and two
+    768 tiles (language model cut to 2 layers: both sides must fit in memory). ~9 GB of disk, ~5 GB RSS:
+    run it under the big-job lock (``flock /tmp/dsvl2-big.lock pytest -m slow -k real_vision``)."""
+    path = FIXTURES / "real_vision.json"
+    if not path.is_file():
+        pytest.skip("run scripts/make_ocr2_fixtures.py --real first")
+    meta = json.loads(path.read_text())
+    tensors = load_file(str(FIXTURES / "real_vision_outputs.safetensors"))
+    oc.write_sharded(tmp_path, oc.REAL_VISION_DIMS, dtype=torch.float32)
+    model = load_model(tmp_path, dtype=torch.float32)
+    inp = oc.real_inputs()
+    rows = meta["query_rows"]
+    torch.testing.assert_close(model.qwen2_model(_sam(model, inp["global_views"]), True)[:, rows],
+                               tensors["global_query_rows"], **TOL)
+    torch.testing.assert_close(model.qwen2_model(_sam(model, inp["tiles"]), False)[:, [r for r in rows if r < 144]],
+                               tensors["tile_query_rows"], **TOL)
+    ids, crop = inp["input_ids"], inp["images_spatial_crop"]
+    images, mask = OCR2Images(inp["global_views"], inp["tiles"]), ids == oc.IMAGE_TOKEN_ID
+    logits = model(ids, images=images, images_seq_mask=mask, images_spatial_crop=crop)[0]
+    torch.testing.assert_close(logits[meta["logit_rows"], :4096], tensors["logits_rows"], **TOL)
+    top = logits[-1].topk(64)
+    torch.testing.assert_close(top.values, tensors["last_logits_top"], **TOL)
+    assert top.indices.tolist()[:8] == meta["last_top_ids"][:8]  # further down, fp32 noise may swap near-ties
+    steps = generate(model, ids, torch.ones_like(ids, dtype=torch.bool), images, mask, crop,
+                     GenerateArgs(max_new_tokens=8), eos_token_id=1)
+    tokens = [int(s.tokens[0]) for s in steps]
+    assert tokens == meta["greedy_tokens"][:len(tokens)]

@@ -207,3 +207,21 @@ def synthetic_image(width: int, height: int):
     g = (y * 255 // max(1, height - 1)).astype(np.uint8)
     b = (((x // 7) + (y // 5)) % 2 * 200 + 20).astype(np.uint8)
     return Image.fromarray(np.stack([r, g, b], axis=-1), "RGB")
+
+
+# The slow real-dims check: the released vision side (SAM ViT-B, 24-layer query encoder) in fp32, with
+# the language model cut to 2 layers so that both implementations fit in memory beside other jobs.
+REAL_VISION_DIMS = {**REAL_DIMS, "lm_layers": 2}
+
+
+def real_inputs() -> dict[str, torch.Tensor]:
+    """A 2x1-tiled image at the real sizes (1024 global view, two 768 tiles), BOS first."""
+    g = torch.Generator().manual_seed(SEED + 2)
+    n = 256 + 1 + 2 * 144
+    ids = [0, 5, 9] + [IMAGE_TOKEN_ID] * n + [11, 12, 13, 14]
+    return {
+        "input_ids": torch.tensor([ids]),
+        "global_views": torch.rand(1, 3, 1024, 1024, generator=g) * 2 - 1,
+        "tiles": torch.rand(2, 3, 768, 768, generator=g) * 2 - 1,
+        "images_spatial_crop": torch.tensor([[[2, 1]]]),
+    }
