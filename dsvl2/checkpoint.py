@@ -92,9 +92,9 @@ def build_empty(cfg):
 
 
 def key_prefixes(model) -> tuple[tuple[str, str], ...]:
-    from .config_ocr2 import OCR2Config
+    from .model.ocr2 import DeepseekOCR2
 
-    return OCR2_PREFIXES if isinstance(model.cfg, OCR2Config) else ()
+    return OCR2_PREFIXES if isinstance(model, DeepseekOCR2) else ()
 
 
 # ---- safetensors reading/writing ------------------------------------------------------------------

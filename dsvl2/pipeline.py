@@ -265,12 +265,13 @@ class Pipeline:
                        stop: Sequence[str] = (), image_token_budget: int | None = None, **gen: Any) -> list[str]:
         """Answers for many conversations decoded together (greedy by default); rows equal singles."""
         return [c.text for c in self.complete_batch(conversations, max_new_tokens=max_new_tokens,
-                                                    skip_special_tokens=skip_special_tokens,
-                                                    chunk_size=chunk_size, stop=stop, **gen)]
+                                                    skip_special_tokens=skip_special_tokens, chunk_size=chunk_size,
+                                                    stop=stop, image_token_budget=image_token_budget, **gen)]
 
     def complete_batch(self, conversations: Sequence[Messages], *, max_new_tokens: int = 512,
                        skip_special_tokens: bool = True, chunk_size: int | None = None,
-                       stop: Sequence[str] = (), **gen: Any) -> list[Completion]:
+                       stop: Sequence[str] = (), image_token_budget: int | None = None,
+                       **gen: Any) -> list[Completion]:
         """:meth:`generate_batch` with each answer's metadata (token ids, finish reason, counts)."""
         convs = [self.conversation(c) for c in conversations]
         batch = self.prepare(convs, image_token_budget)

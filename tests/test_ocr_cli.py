@@ -129,8 +129,8 @@ def test_regions_carry_label_boxes_and_following_text():
 
 
 def test_server_ocr_route_returns_markdown_and_regions_per_pdf_page(ocr_model_dir, tmp_path, monkeypatch):
-    """``POST /v1/ocr`` with a 3-page PDF: every page is decoded (batched by the engine) and answered with
-    its Markdown and regions; the answer text is scripted so that the regions are known."""
+    """``POST /v1/ocr`` with a 3-page PDF: the requested pages are decoded (each its own engine request)
+    and answered with their Markdown and regions; the answer text is scripted so that the regions are known."""
     import base64
 
     httpx = pytest.importorskip("httpx")
@@ -141,26 +141,33 @@ def test_server_ocr_route_returns_markdown_and_regions_per_pdf_page(ocr_model_di
     pdf = tmp_path / "paper.pdf"
     make_pdf(pdf)
     pipe = dsvl2.load(ocr_model_dir, dtype="fp32")
-    seen = []
-    real_events = pipe.events
+    seen, real_processors, real_stream = [], pipe.processors, pipe.text_stream
 
-    def events(batch, args, stop, skip):  # the real model runs; its random text is replaced at the end
-        seen.append((len(batch), args.no_repeat_ngram))
-        for event in real_events(batch, args, stop, skip):
-            if isinstance(event, list):
-                yield [Completion(f"<|ref|>text<|/ref|><|det|>[[0, 0, 499, 499]]<|/det|>\nrow {i}", c.token_ids,
-                                  c.finish_reason, c.prompt_tokens) for i, c in enumerate(event)]
-            else:
-                yield event
+    def processors(args, batch_size):  # what the engine asks for, per page
+        seen.append(args.no_repeat_ngram)
+        return real_processors(args, batch_size)
 
-    monkeypatch.setattr(pipe, "events", events)
+    class Scripted:  # the real model runs; its random answer is replaced by a known one at the end
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        @property
+        def completion(self):
+            text = "<|ref|>text<|/ref|><|det|>[[0, 0, 499, 499]]<|/det|>\nrow"
+            return dataclasses.replace(self.inner.completion, text=text)
+
+    monkeypatch.setattr(pipe, "processors", processors)
+    monkeypatch.setattr(pipe, "text_stream", lambda *a, **k: Scripted(real_stream(*a, **k)))
     url = "data:application/pdf;base64," + base64.b64encode(pdf.read_bytes()).decode()
-    with background_server(create_app(pipe, ServeArgs(batch_wait_ms=200))) as base:
+    with background_server(create_app(pipe, ServeArgs())) as base:
         r = httpx.post(base + "/v1/ocr", json={"file": url, "dpi": 72, "max_tokens": 2, "pages": [1, 3]}, timeout=120)
         assert r.status_code == 200, r.text
         pages = r.json()["pages"]
         assert [p["page"] for p in pages] == [1, 3] and (pages[0]["width"], pages[0]["height"]) == (300, 400)
-        assert pages[0]["markdown"].startswith("row ") and pages[0]["regions"][0]["box_px"] == [0, 0, 149, 199]
+        assert pages[0]["markdown"] == "row" and pages[0]["regions"][0]["box_px"] == [0, 0, 149, 199]
         bad = httpx.post(base + "/v1/ocr", json={"file": url, "pages": [4]}, timeout=60)
         assert bad.status_code == 400 and "1..3" in bad.json()["error"]["message"]
-    assert all(n == 20 for _, n in seen) and sum(b for b, _ in seen) == 2  # the no-repeat rule, two pages
+    assert seen == [20, 20]  # two pages, each decoded with the no-repeat rule
