@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from .config import DSVL2Config
 from .errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -46,14 +45,56 @@ _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 _OFFICIAL_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-def official_keys(name: str, shape: torch.Size) -> list[str]:
-    """Official key(s) holding our parameter ``name`` (one per expert for stacked experts)."""
-    if name == "view_separator":
-        return ["view_seperator"]
+# DeepSeek-OCR 2 (``DeepseekOCR2ForCausalLM``): everything sits under ``model.`` except ``lm_head``, the
+# language model's keys have no ``language.`` level, and the query encoder keeps the official nesting
+# of a Qwen2 model inside a wrapper (``qwen2_model.model.model.layers``). First matching prefix wins.
+OCR2_PREFIXES = (
+    ("language.model.", "model."),
+    ("language.lm_head.", "lm_head."),
+    ("qwen2_model.layers.", "model.qwen2_model.model.model.layers."),
+    ("qwen2_model.norm.", "model.qwen2_model.model.model.norm."),
+    ("qwen2_model.", "model.qwen2_model."),
+    ("sam_model.", "model.sam_model."),
+    ("projector.", "model.projector."),
+    ("view_separator", "model.view_seperator"),
+)
+
+
+def official_keys(name: str, shape: torch.Size, prefixes: tuple[tuple[str, str], ...] = ()) -> list[str]:
+    """Official key(s) holding our parameter ``name`` (one per expert for stacked experts).
+
+    ``prefixes``: (ours, official) renames of the model family (``OCR2_PREFIXES``; none for VL2).
+    """
+    for ours, theirs in prefixes:
+        if name.startswith(ours):
+            name = theirs + name[len(ours):]
+            break
+    else:
+        if name == "view_separator":
+            return ["view_seperator"]
     m = _EXPERT.match(name)
     if m:
         return [f"{m.group(1)}.{j}.{m.group(2)}.weight" for j in range(shape[0])]
     return [name]
+
+
+def build_empty(cfg):
+    """The model of ``cfg`` (DeepSeek-VL2 or DeepSeek-OCR 2) and its key renames; call under ``meta``."""
+    from .config_ocr2 import OCR2Config
+
+    if isinstance(cfg, OCR2Config):
+        from .model.ocr2 import DeepseekOCR2
+
+        return DeepseekOCR2(cfg), OCR2_PREFIXES
+    from .model.vlm import DSVL2
+
+    return DSVL2(cfg), ()
+
+
+def key_prefixes(model) -> tuple[tuple[str, str], ...]:
+    from .model.ocr2 import DeepseekOCR2
+
+    return OCR2_PREFIXES if isinstance(model, DeepseekOCR2) else ()
 
 
 # ---- safetensors reading/writing ------------------------------------------------------------------
@@ -161,17 +202,17 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.bfloat16, devic
     ``quantize="int8"``: the language model's linear and expert weights are quantized as each tensor
     is read (``model/quant.py``), so the peak memory is the int8 model plus one tensor.
     """
+    from .config_ocr2 import read_config
     from .model import quant
-    from .model.vlm import DSVL2
 
     quant.check_mode(quantize)
 
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"model directory not found: {directory}")
-    cfg = DSVL2Config.from_hf_json(directory / "config.json")
+    cfg = read_config(directory / "config.json")
     with torch.device("meta"):
-        model = DSVL2(cfg)
+        model, prefixes = build_empty(cfg)
     params = dict(model.named_parameters())
     int8 = quant.int8_targets(model) if quantize == "int8" else {}
 
@@ -183,7 +224,7 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.bfloat16, devic
                 raise CheckpointError(f"key {key!r} appears in both {where[key].path.name} and {sf.path.name}")
             where[key] = sf
 
-    wanted: dict[str, list[str]] = {name: official_keys(name, p.shape) for name, p in params.items()}
+    wanted: dict[str, list[str]] = {name: official_keys(name, p.shape, prefixes) for name, p in params.items()}
     expected = {k for keys in wanted.values() for k in keys}
     missing = sorted(expected - where.keys())
     if missing:
@@ -232,8 +273,11 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.bfloat16, devic
     if int8:
         quant.swap_int8_modules_(model, dtype)
     model.load_state_dict(state, strict=True, assign=True)
-    # The non-persistent RoPE buffer is not in the state dict: rebuild it in fp32 on the target device.
-    model.language.model.rotary.reset_(device)
+    # The non-persistent RoPE buffers are not in the state dict: rebuild them in fp32 on the target device.
+    if prefixes:
+        model.reset_buffers_(device)
+    else:
+        model.language.model.rotary.reset_(device)
     model.unused_checkpoint_tensors = unused
     model.eval()
     return model
@@ -270,8 +314,9 @@ def save_model(model, directory: str | Path, max_shard_bytes: int = 5 * 1024 ** 
 
 def iter_official_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(official key, tensor view) for every weight, experts unstacked, attn_pool included if kept."""
+    prefixes = key_prefixes(model)
     for name, p in model.state_dict().items():
-        keys = official_keys(name, p.shape)
+        keys = official_keys(name, p.shape, prefixes)
         if len(keys) > 1 or _EXPERT.match(name):
             yield from zip(keys, p.detach().unbind(0))
         else:

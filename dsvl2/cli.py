@@ -1,4 +1,4 @@
-"""``dsvl2`` command line: chat | ground | serve | info | eval | train.
+"""``dsvl2`` command line: chat | ground | serve | info | eval | train | ocr.
 
 Each subcommand parses flags and calls a library function a user could call directly. Heavy
 subsystems (server, training, evaluation) are imported only when their subcommand runs.
@@ -22,6 +22,7 @@ EXAMPLES = {
     "info": "dsvl2 info --model ./deepseek-vl2-tiny     # or: dsvl2 info --preset small",
     "eval": "dsvl2 eval --task demo --data demo_eval/data.jsonl --out runs/eval-demo",
     "train": "dsvl2 train --stage 3 --config recipe.toml --data train.jsonl --out runs/sft",
+    "ocr": "dsvl2 ocr --model ./DeepSeek-OCR-2 paper.pdf scan.png -o out/   # Markdown + boxes per document",
 }
 
 # subcommand -> (module, add-arguments function, main function, help)
@@ -32,6 +33,7 @@ COMMANDS = {
     "info": ("dsvl2.cli", "add_info_arguments", "info_main", "parameters, activated parameters, memory"),
     "eval": ("dsvl2.evaluation.run", "add_eval_arguments", "eval_main", "run a benchmark from local files"),
     "train": ("dsvl2.cli_train", "add_train_arguments", "train_main", "train a stage (align / pretrain / sft)"),
+    "ocr": ("dsvl2.ocr", "add_ocr_arguments", "ocr_main", "PDFs / page images -> Markdown with DeepSeek-OCR 2"),
 }
 
 
@@ -45,7 +47,8 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def info_main(args: argparse.Namespace) -> int:
-    from .config import PRESETS, DSVL2Config
+    from .config import PRESETS
+    from .config_ocr2 import read_config
     from .stats import count_parameters, human
 
     if args.preset:
@@ -55,7 +58,7 @@ def info_main(args: argparse.Namespace) -> int:
             from .demo import default_model_dir
 
             args.model = str(default_model_dir())
-        cfg, source = DSVL2Config.from_hf_json(args.model), args.model
+        cfg, source = read_config(args.model), args.model
     lc = cfg.language_config
     counts = count_parameters(cfg)
     width = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]

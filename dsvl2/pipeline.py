@@ -26,9 +26,11 @@ from .errors import ContextLengthError, InputError
 from .generation.box_order import OrderedBoxConstraint
 from .generation.constraints import BoxConstraint, LogitsProcessor, box_automaton
 from .generation.generate import GenerateArgs, generate
+from .generation.norepeat import NoRepeatProcessor
+from .model.ocr2 import DeepseekOCR2
 from .model.vlm import DSVL2
 from .processing.grounding import GroundingResult, parse_grounding
-from .processing.images import load_image
+from .processing.ocr2 import OCR2Processor
 from .processing.processor import Batch, Processor
 from .processing.tokenizer import StreamDecoder
 
@@ -45,6 +47,9 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     return DTYPES[dtype]
+
+
+OCR_NO_REPEAT = {"no_repeat_ngram": 20, "no_repeat_window": 90}  # official run_dpsk_ocr2_image.py
 
 
 def default_device() -> str:
@@ -86,7 +91,8 @@ class Completion:
 class Pipeline:
     """A loaded model with its processor. Create with :func:`dsvl2.load`."""
 
-    def __init__(self, model: DSVL2, processor: Processor, model_dir: str | Path | None = None):
+    def __init__(self, model: DSVL2 | DeepseekOCR2, processor: Processor | OCR2Processor,
+                 model_dir: str | Path | None = None):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -111,7 +117,7 @@ class Pipeline:
         for m in conv:
             imgs = m.get("images") or []
             if imgs:
-                m["images"] = [load_image(x) for x in imgs]
+                m["images"] = [self.processor.load_image(x) for x in imgs]
                 tags = m["content"].count("<image>")
                 if tags > len(imgs):
                     raise InputError(f"a message has {tags} <image> placeholders but {len(imgs)} image(s)")
@@ -162,6 +168,18 @@ class Pipeline:
             conv = shorter
 
     # ---- generation ----------------------------------------------------------------------------
+    def generate_args(self, **gen: Any) -> GenerateArgs:
+        """:class:`GenerateArgs` from ``gen``; DeepSeek-OCR 2 models default to the official no-repeat
+        rule (20-grams within 90 tokens, ``<td>`` / ``</td>`` exempt) unless ``no_repeat_ngram`` is given."""
+        if isinstance(self.model, DeepseekOCR2) and "no_repeat_ngram" not in gen:
+            gen = {**gen, **OCR_NO_REPEAT, "no_repeat_whitelist": self.table_token_ids()}
+        return GenerateArgs(**gen)
+
+    def table_token_ids(self) -> tuple[int, ...]:
+        """Ids of ``<td>`` and ``</td>`` in this tokenizer (those that exist)."""
+        ids = (self.tokenizer.find_token(t) for t in ("<td>", "</td>"))
+        return tuple(i for i in ids if i is not None)
+
     def text_stream(self, batch: Batch, row: int, stop: Sequence[str], skip_special_tokens: bool) -> TextStream:
         """How row ``row`` of ``batch`` turns its generated ids into text (the server's engine uses it too)."""
         prompt = int(batch.attention_mask[row].sum())
@@ -196,12 +214,14 @@ class Pipeline:
 
     def processors(self, args: GenerateArgs, batch_size: int) -> list[LogitsProcessor]:
         """The logits processors ``args`` asks for (``constrain_boxes``: the box grammar;
-        ``ordered_boxes``: also x1 <= x2 and y1 <= y2)."""
+        ``ordered_boxes``: also x1 <= x2 and y1 <= y2; ``no_repeat_ngram``: the OCR no-repeat rule)."""
         out: list[LogitsProcessor] = []
         if args.constrain_boxes or args.ordered_boxes:
             automaton = box_automaton(self.tokenizer, self.model.cfg.language_config.vocab_size)
             kind = OrderedBoxConstraint if args.ordered_boxes else BoxConstraint
             out.append(kind(automaton, batch_size, self.model.device))
+        if args.no_repeat is not None:  # DeepSeek-OCR's no-repeat n-gram rule (generation/norepeat.py)
+            out.append(NoRepeatProcessor(args.no_repeat, batch_size))
         return out
 
     def _run(self, batch: Batch, args: GenerateArgs, stop: Sequence[str], skip_special_tokens: bool) -> list[Completion]:
@@ -219,7 +239,7 @@ class Pipeline:
         ``image_token_budget`` / ``truncate``: see :meth:`prepare`.
         """
         batch = self.prepare([self.conversation(messages, images)], image_token_budget, truncate)
-        return self._run(batch, GenerateArgs(**gen), stop, skip_special_tokens)[0]
+        return self._run(batch, self.generate_args(**gen), stop, skip_special_tokens)[0]
 
     def chat(self, messages: Messages, images: Sequence[ImageLike] | None = None, *,
              stop: Sequence[str] = (), skip_special_tokens: bool = True, image_token_budget: int | None = None,
@@ -236,7 +256,7 @@ class Pipeline:
         Closing the iterator early stops generation.
         """
         batch = self.prepare([self.conversation(messages, images)], image_token_budget, truncate)
-        for event in self.events(batch, GenerateArgs(**gen), stop, skip_special_tokens):
+        for event in self.events(batch, self.generate_args(**gen), stop, skip_special_tokens):
             if isinstance(event, tuple):
                 yield event[1]
 
@@ -244,10 +264,19 @@ class Pipeline:
                        skip_special_tokens: bool = True, chunk_size: int | None = None,
                        stop: Sequence[str] = (), image_token_budget: int | None = None, **gen: Any) -> list[str]:
         """Answers for many conversations decoded together (greedy by default); rows equal singles."""
+        return [c.text for c in self.complete_batch(conversations, max_new_tokens=max_new_tokens,
+                                                    skip_special_tokens=skip_special_tokens, chunk_size=chunk_size,
+                                                    stop=stop, image_token_budget=image_token_budget, **gen)]
+
+    def complete_batch(self, conversations: Sequence[Messages], *, max_new_tokens: int = 512,
+                       skip_special_tokens: bool = True, chunk_size: int | None = None,
+                       stop: Sequence[str] = (), image_token_budget: int | None = None,
+                       **gen: Any) -> list[Completion]:
+        """:meth:`generate_batch` with each answer's metadata (token ids, finish reason, counts)."""
         convs = [self.conversation(c) for c in conversations]
         batch = self.prepare(convs, image_token_budget)
-        args = GenerateArgs(max_new_tokens=max_new_tokens, chunk_size=chunk_size, **gen)
-        return [c.text for c in self._run(batch, args, stop, skip_special_tokens)]
+        args = self.generate_args(max_new_tokens=max_new_tokens, chunk_size=chunk_size, **gen)
+        return self._run(batch, args, stop, skip_special_tokens)
 
     def ground(self, image: ImageLike, expression: str, **gen: Any) -> GroundingResult:
         """Locate ``expression`` in ``image``: boxes in 0-999 coordinates (``Box.to_pixels`` for pixels).
@@ -363,5 +392,8 @@ def load(model_dir: str | Path | None = None, dtype: str | torch.dtype = "bf16",
         model_dir = default_model_dir()
     device = device or default_device()
     model = load_model(model_dir, dtype=resolve_dtype(dtype), device=device, progress=progress, quantize=quantize)
-    processor = Processor.from_pretrained(model_dir)
+    if isinstance(model, DeepseekOCR2):
+        processor: Processor | OCR2Processor = OCR2Processor.from_pretrained(model_dir, model.cfg)
+    else:
+        processor = Processor.from_pretrained(model_dir)
     return Pipeline(model, processor, model_dir)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import DSVL2Config
+from .config_ocr2 import OCR2Config
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,31 @@ class ParamCounts:
         return self.activated - self.vision - self.projector
 
 
-def count_parameters(cfg: DSVL2Config) -> ParamCounts:
-    v, p, lc = cfg.vision_config, cfg.projector_config, cfg.language_config
-    w, m = v.width, v.mlp_dim
-    block = 2 * 2 * w + (3 * w * w + 3 * w) + (w * w + w) + (w * m + m) + (m * w + w)
-    vision = 3 * w * v.patch_size ** 2 + w + v.num_patches * w + v.layers * block + 2 * w
-    pool = w + (w * w + w) + (2 * w * w + 2 * w) + (w * w + w) + 2 * w + (w * m + m) + (m * w + w)
-    merged = p.input_dim * p.downsample_ratio ** 2
-    projector = merged * p.n_embed + p.n_embed + p.n_embed * p.n_embed + p.n_embed + 2 * p.n_embed
+def _ocr2_vision(cfg: OCR2Config) -> tuple[int, int]:
+    """(vision, projector + view separator) parameters of DeepSeek-OCR 2, from the model built on ``meta``."""
+    import torch
+
+    from .model.ocr2_vision import build_encoders
+
+    with torch.device("meta"):
+        sam, enc = build_encoders(cfg.vision_config)
+    p = cfg.projector_config
+    vision = sum(t.numel() for m in (sam, enc) for t in m.parameters())
+    return vision, p.input_dim * p.n_embed + 2 * p.n_embed
+
+
+def count_parameters(cfg: DSVL2Config | OCR2Config) -> ParamCounts:
+    lc = cfg.language_config
+    if isinstance(cfg, OCR2Config):
+        (vision, projector), pool = _ocr2_vision(cfg), 0
+    else:
+        v, p = cfg.vision_config, cfg.projector_config
+        w, m = v.width, v.mlp_dim
+        block = 2 * 2 * w + (3 * w * w + 3 * w) + (w * w + w) + (w * m + m) + (m * w + w)
+        vision = 3 * w * v.patch_size ** 2 + w + v.num_patches * w + v.layers * block + 2 * w
+        pool = w + (w * w + w) + (2 * w * w + 2 * w) + (w * w + w) + 2 * w + (w * m + m) + (m * w + w)
+        merged = p.input_dim * p.downsample_ratio ** 2
+        projector = merged * p.n_embed + p.n_embed + p.n_embed * p.n_embed + p.n_embed + 2 * p.n_embed
     d, layers = lc.hidden_size, lc.num_hidden_layers
     if lc.use_mla:
         h = lc.num_attention_heads

@@ -21,6 +21,7 @@ from ..model.llm import causal_mask
 from ..model.quant import linear
 from ..model.vlm import DSVL2, positions_from_mask
 from .constraints import LogitsProcessor, apply_processors
+from .norepeat import NoRepeatNGram
 from .sampling import SamplingParams, sample
 
 
@@ -38,12 +39,22 @@ class GenerateArgs:
     fused_attention: bool = False  # SDPA kernels in prefill and decode (faster, bf16-close; implies expanded)
     constrain_boxes: bool = False  # <|det|> spans follow the box grammar (generation.constraints; built in pipeline)
     ordered_boxes: bool = False  # ... and x1 <= x2, y1 <= y2 in every box (generation.box_order; implies constrain)
+    # DeepSeek-OCR's no-repeat rule (generation/norepeat.py, built in pipeline): 0 = off; OCR pipelines: 20 / 90.
+    no_repeat_ngram: int = 0
+    no_repeat_window: int = 90
+    no_repeat_whitelist: tuple[int, ...] = ()  # token ids exempt from the ban (<td>, </td>)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise InputError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+    @property
+    def no_repeat(self) -> NoRepeatNGram | None:
+        if not self.no_repeat_ngram:
+            return None
+        return NoRepeatNGram(self.no_repeat_ngram, self.no_repeat_window, frozenset(self.no_repeat_whitelist))
 
     @property
     def sampling(self) -> SamplingParams:

@@ -151,6 +151,8 @@ class _Sample:
 class Processor:
     """Turns one conversation or a batch of conversations into a :class:`Batch`."""
 
+    load_image = staticmethod(load_image)  # how the pipeline opens images for this processor
+
     def __init__(self, tokenizer: Tokenizer, config: ProcessorConfig | None = None) -> None:
         self.tokenizer = tokenizer
         self.config = config or ProcessorConfig()

@@ -82,8 +82,9 @@ class Tokenizer:
         self.det_id = self.token_id(SPECIAL_TOKENS["det_id"])
         self.det_end_id = self.token_id(SPECIAL_TOKENS["det_end_id"])
         self.grounding_id = self.token_id(SPECIAL_TOKENS["grounding_id"])
-        self.user_id = self.token_id(SPECIAL_TOKENS["user_id"])
-        self.assistant_id = self.token_id(SPECIAL_TOKENS["assistant_id"])
+        # Role tokens: DeepSeek-OCR tokenizers have none (their plain prompts carry no roles) -> None.
+        self.user_id: int | None = self.find_token(SPECIAL_TOKENS["user_id"])
+        self.assistant_id: int | None = self.find_token(SPECIAL_TOKENS["assistant_id"])
 
     @classmethod
     def from_file(cls, path: str | Path, **special: str) -> "Tokenizer":
@@ -122,6 +123,10 @@ class Tokenizer:
         if idx is None:
             raise TokenizerError(f"special token {token!r} is missing from {self.source}")
         return idx
+
+    def find_token(self, token: str) -> int | None:
+        """Id of ``token``, or None when this tokenizer has no such token."""
+        return self._tok.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with no BOS/EOS added (``add_special_tokens=False``)."""

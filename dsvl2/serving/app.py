@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import ContextLengthError, InputError
 from ..generation.generate import GenerateArgs
+from ..model.ocr2 import DeepseekOCR2
 from ..pipeline import Completion, Pipeline
 from ..processing.template import stop_strings
 from . import ServeArgs
@@ -178,12 +179,19 @@ def create_app(pipe: Pipeline, args: ServeArgs | None = None) -> FastAPI:
                           f" {prompt + max_tokens} ({prompt} in the messages, {max_tokens} in the completion)",
                           "max_tokens", "context_length_exceeded")
         try:
-            gen = GenerateArgs(max_tokens, req.temperature, req.top_p, req.top_k, req.repetition_penalty, req.seed,
-                               args.chunk_size, constrain_boxes=req.constrain_boxes)
+            # pipe.generate_args: OCR-2 models also get the no-repeat rule
+            gen = pipe.generate_args(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                     top_k=req.top_k, repetition_penalty=req.repetition_penalty, seed=req.seed,
+                                     chunk_size=args.chunk_size, constrain_boxes=req.constrain_boxes)
             _ = gen.sampling  # SamplingParams checks the values
         except InputError as exc:
             raise invalid(str(exc), code="invalid_value") from exc
         return Prepared(conversation, sizes, gen, req.stop + stop_strings(pipe.tokenizer.eos_token), batch)
+
+    if isinstance(pipe.model, DeepseekOCR2):
+        from .ocr_route import add_ocr_route
+
+        add_ocr_route(app, pipe, policy, model_id, args.max_body_bytes)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
