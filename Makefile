@@ -24,8 +24,14 @@ demo: setup
 browser:
 	bash scripts/install-browser.sh || echo "chromium could not be installed: the web-page test will be skipped"
 
+# The kernel and fast-path tests run again on the portable builds of dsvl2's CPU kernels (avx2 with
+# torch's own AVX2 kernels, as on an AVX2-only CPU; generic), whatever CPU this is (docs/performance.md).
+PORTABLE_TESTS := tests/test_cpu_kernels.py tests/test_fast_inference.py
+
 test: setup browser
 	$(BIN)/python -m pytest -q
+	DSVL2_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -q $(PORTABLE_TESTS)
+	DSVL2_CPU_ISA=generic $(BIN)/python -m pytest -q $(PORTABLE_TESTS)
 
 test-all: setup browser
 	$(BIN)/python -m pytest -q -m ''
