@@ -1,4 +1,8 @@
-"""The opt-in AVX512-BF16 decode kernels (dsvl2/model/cpu_kernels.py) against torch's reference math."""
+"""dsvl2's CPU decode kernels (dsvl2/model/cpu_kernels.py) against torch's reference math.
+
+Each test runs the build the host CPU selects (avx512 where AVX512-BF16 is present, else avx2, else
+generic); CI runs this file again with ``DSVL2_CPU_ISA=avx2`` and ``generic`` so that the portable
+builds are exercised on any machine. Only a missing C compiler skips them."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from dsvl2.model import cpu_kernels, quant
 from dsvl2.model.moe import Experts
 from toy import toy_batch, toy_model
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX512-BF16 CPU or no C compiler")
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler to build the kernels")
 
 
 @pytest.fixture
@@ -21,6 +25,7 @@ def kernels_on():
     cpu_kernels.enable(False)
 
 
+@needs_kernels
 @pytest.mark.parametrize("shape", [(64, 64), (37, 40), (5, 33), (896, 1280), (3, 1)])
 def test_gemv_equals_fp32_product_rounded_to_bf16(shape):
     o, i = shape
@@ -33,6 +38,7 @@ def test_gemv_equals_fp32_product_rounded_to_bf16(shape):
     torch.testing.assert_close(y.float(), ref, rtol=2 ** -7, atol=1e-5 * i)
 
 
+@needs_kernels
 def test_gemv_reads_rows_with_a_stride():
     g = torch.Generator().manual_seed(1)
     big = torch.randn(48, 100, generator=g).bfloat16()
@@ -40,6 +46,7 @@ def test_gemv_reads_rows_with_a_stride():
     assert torch.equal(cpu_kernels.gemv(w, x), cpu_kernels.gemv(w.contiguous(), x))
 
 
+@needs_kernels
 @pytest.mark.parametrize("k", [2, 6])
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_fused_experts_equal_the_grouped_path(k, tokens):
@@ -56,6 +63,7 @@ def test_fused_experts_equal_the_grouped_path(k, tokens):
     torch.testing.assert_close(fused.float(), plain.float(), rtol=2 ** -6, atol=2e-3)
 
 
+@needs_kernels
 def test_not_used_with_autograd(kernels_on):
     x = torch.randn(1, 8).bfloat16().requires_grad_()
     assert not cpu_kernels.usable(x)
@@ -71,6 +79,7 @@ def test_not_used_with_autograd(kernels_on):
     ("mha", False, ("gemv", "moe", "mha_decode")),
     ("mla", True, ("gemm_int8", "moe_int8", "mla_decode")),
 ])
+@needs_kernels
 def test_greedy_generation_is_unchanged(variant, int8, kernels, kernels_on, monkeypatch):
     calls = dict.fromkeys(kernels, 0)
     for name in calls:
@@ -94,6 +103,7 @@ def test_greedy_generation_is_unchanged(variant, int8, kernels, kernels_on, monk
     assert fast == tokens()
 
 
+@needs_kernels
 @pytest.mark.parametrize("shape", [(64, 64), (37, 40), (5, 33), (896, 1280), (3, 1), (9, 700)])
 def test_int8_gemv_equals_the_exact_product(shape):
     o, i = shape
@@ -111,6 +121,7 @@ def test_int8_gemv_equals_the_exact_product(shape):
         torch.testing.assert_close(y.float(), ref.float(), rtol=2 ** -7, atol=1e-3 * float(ref.abs().max()))
 
 
+@needs_kernels
 def test_int8_gemm_rows_equal_single_row_calls():
     g = torch.Generator().manual_seed(7)
     q, scale = quant.quantize_int8(torch.randn(45, 300, generator=g).bfloat16())
@@ -121,6 +132,7 @@ def test_int8_gemm_rows_equal_single_row_calls():
         assert torch.equal(rows[t], cpu_kernels.gemm_int8(q, scale, x[t:t + 1])[0])
 
 
+@needs_kernels
 def test_int8_gemv_sums_long_rows_without_overflow():
     n = 16384  # every product at its largest (127 * 32767): one int32 lane would overflow after 516 of them
     q = torch.full((4, n), 127, dtype=torch.int8)
@@ -128,6 +140,7 @@ def test_int8_gemv_sums_long_rows_without_overflow():
     assert torch.equal(y, torch.full((4,), 127.0 * n).bfloat16())
 
 
+@needs_kernels
 @pytest.mark.parametrize("tokens", [1, 2])
 def test_int8_fused_experts_equal_the_torch_path(tokens, kernels_on):
     g = torch.Generator().manual_seed(tokens)
@@ -147,6 +160,7 @@ def test_int8_fused_experts_equal_the_torch_path(tokens, kernels_on):
     torch.testing.assert_close(fused.float(), plain.float(), rtol=2 ** -6, atol=2e-3)
 
 
+@needs_kernels
 @pytest.mark.parametrize("int8", [False, True])
 def test_mha_decode_step_equals_the_sdpa_path(int8, kernels_on):
     from dsvl2.model.cache import make_cache
@@ -177,6 +191,7 @@ def test_mha_decode_step_equals_the_sdpa_path(int8, kernels_on):
         assert torch.equal(a[1, :, :, :37], b[1, :, :, :37]) and torch.equal(a[1, :, :, 38:], b[1, :, :, 38:])
 
 
+@needs_kernels
 @pytest.mark.parametrize("int8", [False, True])
 def test_mla_decode_step_equals_the_absorbed_path(int8, kernels_on):
     from dsvl2.model.cache import make_cache
@@ -205,6 +220,7 @@ def test_mla_decode_step_equals_the_absorbed_path(int8, kernels_on):
         assert torch.equal(a[:, :, :37], b[:, :, :37]) and torch.equal(a[:, :, 38:], b[:, :, 38:])
 
 
+@needs_kernels
 def test_mha_decode_step_refuses_a_full_cache(kernels_on):
     from dsvl2.errors import InputError
     from dsvl2.model.cache import make_cache
@@ -218,6 +234,7 @@ def test_mha_decode_step_refuses_a_full_cache(kernels_on):
         lm.layers[0].self_attn(torch.zeros(1, 1, cfg.hidden_size).bfloat16(), cos, sin, None, cache)
 
 
+@needs_kernels
 @pytest.mark.parametrize("int8", [False, True])
 def test_mlp_row_through_the_expert_kernel_equals_torch(int8, kernels_on):
     from dsvl2.model.layers import MLP
@@ -244,6 +261,7 @@ def test_mlp_row_through_the_expert_kernel_equals_torch(int8, kernels_on):
         assert cpu_kernels.mlp(block.mlp, torch.randn(2, 96).bfloat16()) is None
 
 
+@needs_kernels
 def test_rmsnorm_rows_equal_torch(kernels_on):
     from dsvl2.model.layers import RMSNorm
 
@@ -261,6 +279,7 @@ def test_rmsnorm_rows_equal_torch(kernels_on):
     torch.testing.assert_close(fast.float(), ref.float(), rtol=2 ** -7, atol=0)
 
 
+@needs_kernels
 @pytest.mark.parametrize("variant", ["mla", "noaux"])
 def test_router_row_chooses_as_torch(variant, kernels_on):
     model = toy_model(variant, seed=2, dtype=torch.bfloat16)
@@ -286,7 +305,7 @@ def test_router_row_chooses_as_torch(variant, kernels_on):
 def test_a_missing_compiler_is_named_in_the_error(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("DSVL2_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cpu_kernels, "_state", {"enabled": False, "lib": None, "error": None})
+    monkeypatch.setattr(cpu_kernels, "_state", {"enabled": False, "isa": None, "libs": {}, "errors": {}})
     from dsvl2.errors import InputError
 
     with pytest.raises(InputError, match="no C compiler .*no-such-cc.* set \\$CC"):
@@ -294,6 +313,7 @@ def test_a_missing_compiler_is_named_in_the_error(tmp_path, monkeypatch):
     assert not cpu_kernels.enabled()
 
 
+@needs_kernels
 def test_gelu_tanh_is_correctly_rounded_and_matches_torch_where_torch_is(kernels_on):
     x = torch.cat([torch.randn(50_000, generator=torch.Generator().manual_seed(0)) * 3,
                    torch.linspace(-12, 12, 20_001), torch.tensor([0.0, -0.0, 50.0, -50.0, 1e4, -1e4])]).bfloat16()
@@ -310,6 +330,7 @@ def test_gelu_tanh_is_correctly_rounded_and_matches_torch_where_torch_is(kernels
     assert cpu_kernels.gelu_tanh(x.float()) is None and cpu_kernels.gelu_tanh(x[::2]) is None  # fp32, strided
 
 
+@needs_kernels
 def test_vision_tower_with_the_gelu_kernel_stays_bf16_close(monkeypatch):
     from dsvl2.config import VisionConfig
     from dsvl2.model.init import init_random_
@@ -331,3 +352,23 @@ def test_vision_tower_with_the_gelu_kernel_stays_bf16_close(monkeypatch):
     assert len(calls) == 2  # one per block
     torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
     assert (out - ref).abs().mean() < 0.01
+
+
+@needs_kernels
+def test_the_build_is_the_best_the_cpu_runs_unless_forced(monkeypatch):
+    from pathlib import Path
+
+    isas = cpu_kernels.cpu_isas()
+    assert isas[-1] == "generic" and set(isas) <= set(cpu_kernels.ISAS)
+    info = Path("/proc/cpuinfo")
+    if info.exists():  # independent truth: the kernel's view of the CPU
+        flags = set(next((ln for ln in info.read_text().splitlines() if ln.startswith("flags")), "").split())
+        assert ("avx2" in isas) == ({"avx2", "fma", "f16c"} <= flags)
+        assert ("avx512" in isas) == ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"} <= flags)
+    monkeypatch.delenv(cpu_kernels.ISA_ENV, raising=False)
+    assert cpu_kernels.host_isa()[0] == isas[0]
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, "generic")
+    assert cpu_kernels.host_isa() == ("generic", "forced by $DSVL2_CPU_ISA")
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, "sse9")
+    isa, why = cpu_kernels.host_isa()
+    assert isa is None and "'sse9' is not one of" in why

@@ -1,23 +1,28 @@
-"""Opt-in CPU decode kernels (AVX512-BF16 / VNNI): GEMV and a fused routed-experts step, bf16 and int8.
+"""dsvl2's CPU decode kernels: GEMV and a fused routed-experts step (bf16 and int8), one MHA / MLA decode
+step, RMSNorm, the router, and the vision tower's tanh-GELU, for every CPU.
 
 Batch-1 decode on CPU is bound by reading the weights; torch's bf16 GEMV streams them at 45-75 % of
 the machine's read bandwidth, its int8 kernel (``_weight_int8pack_mm``) is compute-bound at 8-11 GB/s,
 and the routed experts cost a dozen small ops per layer. The C kernels in ``csrc/cpu_kernels.c``
-stream the weights over torch's OpenMP threads (bf16 with VDPBF16PS; int8 weights against int16
-activations with VPDPWSSD) and run the six chosen experts of a token (gate, up, SiLU, down, weighted
-sum) in one call. The int8 kernels serve the weight-only int8 model of :mod:`dsvl2.model.quant`.
-One kernel serves the vision tower rather than decode: its tanh-GELU (:func:`gelu_tanh`), which torch
-runs 4.5x slower than its erf GELU in bf16 here.
+stream the weights over torch's OpenMP threads and run the six chosen experts of a token (gate, up,
+SiLU, down, weighted sum) in one call. The int8 kernels serve the weight-only int8 model of
+:mod:`dsvl2.model.quant`. One kernel serves the vision tower rather than decode: its tanh-GELU
+(:func:`gelu_tanh`), which torch runs 4.5x slower than its erf GELU in bf16 here.
+
+One C source is compiled once per instruction set (``ISAS``, best first): ``avx512`` (AVX512-BF16 and
+VNNI dot products), ``avx2`` (AVX2 + FMA + F16C, plain C the compiler vectorises) and ``generic`` (the
+same plain C for the baseline ISA: any x86-64, arm64). :func:`host_isa` picks the best build this CPU
+runs; ``$DSVL2_CPU_ISA`` (one of ``ISAS``) forces one, e.g. ``DSVL2_CPU_ISA=avx2`` runs the portable
+path on an AVX512 machine (how CI exercises both).
 
 They round where the reference rounds but accumulate the dot products in another order (and int8
 quantizes the activations to int16, ~256x finer than their bf16 rounding), so results are bf16-close
-rather than bit-identical to the reference path (like ``--fused-attention``). Hence opt-in:
-``dsvl2.load(..., cpu_kernels=True)``, ``dsvl2 chat --cpu-kernels``, or ``enable()``.
+rather than bit-identical to the reference path.
 
-The library is compiled on first use with the system C compiler (``$CC``, default ``gcc``; a few
-seconds) into ``$DSVL2_CACHE_DIR`` (default ``~/.cache/dsvl2``), keyed by the source's hash. Used only
-for bf16 activations on CPU (bf16 or int8 weights), without autograd, on CPUs with AVX512-BF16 and
-AVX512-VNNI; everything else keeps the torch path.
+A build is compiled on first use with the system C compiler (``$CC``, default ``gcc``; about a second)
+into ``$DSVL2_CACHE_DIR`` (default ``~/.cache/dsvl2``), keyed by the source's hash and the flags. Used
+only for bf16 activations on CPU (bf16 or int8 weights), without autograd; everything else keeps the
+torch path.
 """
 
 from __future__ import annotations
@@ -36,72 +41,122 @@ from ..errors import InputError
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp"]
+ISAS = ("avx512", "avx2", "generic")  # best first
+ISA_FLAGS = {
+    "avx512": ["-DDSVL2_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mavx2",
+               "-mfma", "-mf16c"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "generic": [],
+}
+ISA_ENV = "DSVL2_CPU_ISA"
 MOE_MAX_TOKENS = 8  # rows per kernel call (decode batches); an expert or weight row is read once for all of them
 
-_state: dict[str, object] = {"enabled": False, "lib": None, "error": None}
+_state: dict[str, Any] = {"enabled": False, "isa": None, "libs": {}, "errors": {}}
 
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("DSVL2_CACHE_DIR") or Path.home() / ".cache" / "dsvl2")
 
 
-def _build() -> ctypes.CDLL:
+def _compile(isa: str) -> Path:
     cc = os.environ.get("CC", "gcc")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_kernels-{key}.so"
+    flags = [*FLAGS, *ISA_FLAGS[isa]]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_kernels-{isa}-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
             try:
-                proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
                                       check=False)
             except FileNotFoundError:
                 raise OSError(f"no C compiler {cc!r} to build {SOURCE.name} (install gcc or set $CC)") from None
             if proc.returncode != 0:
-                raise OSError(f"{cc} failed on {SOURCE}:\n{proc.stderr.strip()[-2000:]}")
+                raise OSError(f"{cc} failed on {SOURCE} ({isa} build):\n{proc.stderr.strip()[-2000:]}")
             os.replace(tmp, target)  # atomic: concurrent builders each write their own temp file
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.dsvl2_cpu_supported.restype = ctypes.c_int
-    lib.dsvl2_gemv_bf16.argtypes = [p, i64, i64, i64, p, p]
-    lib.dsvl2_gemv_bf16.restype = None
-    lib.dsvl2_moe_bf16.argtypes = [p, i64, i64, p, p, p, i64, p, p, i64, p, p, p]
-    lib.dsvl2_moe_bf16.restype = None
-    lib.dsvl2_gemm_int8.argtypes = [p, i64, i64, i64, p, p, i64, p]
-    lib.dsvl2_gemm_int8.restype = None
-    lib.dsvl2_moe_int8.argtypes = [p, i64, i64, p, p, p, p, p, p, i64, p, p, i64, p, p, p]
-    lib.dsvl2_moe_int8.restype = None
-    lib.dsvl2_mha_decode.argtypes = [p, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64,
-                                     ctypes.c_float, p]
-    lib.dsvl2_mha_decode.restype = None
-    lib.dsvl2_mla_decode.argtypes = [p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, ctypes.c_float, p, p, p, p, p,
-                                     p, p, i64, ctypes.c_float, p]
-    lib.dsvl2_mla_decode.restype = None
-    lib.dsvl2_rmsnorm_bf16.argtypes = [p, i64, i64, p, ctypes.c_float, p]
-    lib.dsvl2_rmsnorm_bf16.restype = None
-    lib.dsvl2_router.argtypes = [p, i64, p, i64, i64, ctypes.c_int, p, ctypes.c_int, ctypes.c_float, p, p, p]
-    lib.dsvl2_router.restype = None
-    lib.dsvl2_gelu_tanh_bf16.argtypes = [p, i64, p]
-    lib.dsvl2_gelu_tanh_bf16.restype = None
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, f32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    signatures = {
+        "dsvl2_build": ([], c_int),
+        "dsvl2_cpu_features": ([], c_int),
+        "dsvl2_gemv_bf16": ([p, i64, i64, i64, p, p], None),
+        "dsvl2_moe_bf16": ([p, i64, i64, p, p, p, i64, p, p, i64, p, p, p], None),
+        "dsvl2_gemm_int8": ([p, i64, i64, i64, p, p, i64, p], None),
+        "dsvl2_moe_int8": ([p, i64, i64, p, p, p, p, p, p, i64, p, p, i64, p, p, p], None),
+        "dsvl2_mha_decode": ([p, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, f32, p], None),
+        "dsvl2_mla_decode": ([p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, f32, p, p, p, p, p, p, p, i64, f32, p],
+                             None),
+        "dsvl2_rmsnorm_bf16": ([p, i64, i64, p, f32, p], None),
+        "dsvl2_router": ([p, i64, p, i64, i64, c_int, p, c_int, f32, p, p, p], None),
+        "dsvl2_gelu_tanh_bf16": ([p, i64, p], None),
+    }
+    for name, (args, res) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+
+
+def _load(isa: str) -> ctypes.CDLL:
+    """The ``isa`` build of the kernels, compiled on first use (``OSError`` naming the reason if it cannot be)."""
+    if isa in _state["libs"]:
+        return _state["libs"][isa]
+    if isa in _state["errors"]:
+        raise OSError(_state["errors"][isa])
+    try:
+        if isa != "generic" and isa not in cpu_isas():
+            raise OSError(f"this CPU cannot run the {isa} build ({_REQUIRES[isa]})")
+        lib = ctypes.CDLL(str(_compile(isa)))
+        _declare(lib)
+        if lib.dsvl2_build() != ISAS[::-1].index(isa):
+            raise OSError(f"{SOURCE.name} built for {isa} reports build {lib.dsvl2_build()} (compiler ignored the flags?)")
+    except OSError as e:
+        _state["errors"][isa] = str(e)
+        raise
+    _state["libs"][isa] = lib
     return lib
 
 
+_REQUIRES = {"avx512": "AVX512F/BW/VL, AVX512-VNNI and AVX512-BF16", "avx2": "AVX2, FMA and F16C", "generic": ""}
+
+
+def cpu_isas() -> tuple[str, ...]:
+    """The builds this CPU runs, best first (``generic`` always; compiles the generic build to ask the CPU)."""
+    features = _load("generic").dsvl2_cpu_features()
+    return tuple(isa for isa, bit in (("avx512", 2), ("avx2", 1)) if features & bit) + ("generic",)
+
+
+def host_isa() -> tuple[str | None, str]:
+    """The build the kernels use here and why: ``$DSVL2_CPU_ISA`` if set, else the best the CPU runs;
+    (None, reason) where no build can run (no C compiler, an unknown or unsupported forced ISA)."""
+    forced = os.environ.get(ISA_ENV, "").strip().lower()
+    try:
+        if forced:
+            if forced not in ISAS:
+                return None, f"${ISA_ENV}={forced!r} is not one of {list(ISAS)}"
+            _load(forced)
+            return forced, f"forced by ${ISA_ENV}"
+        isas = cpu_isas()
+        _load(isas[0])
+        return isas[0], "the best build this CPU runs" + ("" if isas[0] == "avx512" else " (no " + " / ".join(
+            _REQUIRES[i] for i in ISAS[:ISAS.index(isas[0])]) + ")")
+    except OSError as e:
+        return None, str(e)
+
+
 def _lib() -> ctypes.CDLL | None:
-    if _state["lib"] is None and _state["error"] is None:
-        try:
-            lib = _build()
-            if not lib.dsvl2_cpu_supported():
-                raise OSError("this CPU lacks AVX512-BF16 or AVX512-VNNI (avx512_bf16, avx512_vnni in /proc/cpuinfo)")
-            _state["lib"] = lib
-        except OSError as e:
-            _state["error"] = str(e)
-    return _state["lib"]  # type: ignore[return-value]
+    if _state["isa"] is None and "host" not in _state["errors"]:
+        isa, why = host_isa()
+        if isa is None:
+            _state["errors"]["host"] = why
+        _state["isa"] = isa
+    return _state["libs"].get(_state["isa"])
 
 
 def available() -> bool:
@@ -112,7 +167,7 @@ def available() -> bool:
 def enable(on: bool = True) -> None:
     """Route bf16 CPU decode through the kernels (process-wide, like ``torch.backends`` flags)."""
     if on and not available():
-        raise InputError(f"CPU kernels unavailable: {_state['error']}")
+        raise InputError(f"CPU kernels unavailable: {_state['errors'].get('host')}")
     _state["enabled"] = on
 
 
@@ -223,7 +278,7 @@ def mha_decode(attention: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, s
     output projection. ``cache`` is the model's ``KVCache``; x (1, 1, D) -> (1, 1, D) bf16."""
     k_buf, v_buf = cache.k[attention.layer], cache.v[attention.layer]  # (1, H, max_len, hd)
     if not (usable(x, k_buf, cos) and x.shape[:2] == (1, 1) and k_buf.shape[0] == 1 and k_buf.is_contiguous()
-            and attention.head_dim % 16 == 0 and attention.head_dim <= 256):
+            and attention.head_dim <= 256):
         return None
     ptrs = _weights(attention, ("q_proj", "k_proj", "v_proj", "o_proj"))
     if ptrs is None:

@@ -1,37 +1,66 @@
-/* Decode kernels for x86 CPUs with AVX512-BF16: bf16 GEMV and the routed experts of one MoE layer.
+/* Decode kernels for CPUs: bf16 / int8 GEMV, the routed experts of one MoE layer, one MHA / MLA decode
+ * step, RMSNorm, the router, and the vision tower's tanh-GELU.
  *
  * Batch-1 decode reads every activated weight once per token, so it is bound by memory bandwidth; on
  * the 2-core development machine torch's bf16 GEMV streams 45-75 % of the read bandwidth
- * (docs/performance.md). These kernels stream the weights with 64-byte loads and VDPBF16PS (pairs of
- * bf16 products accumulated in fp32), four rows at a time, rows split over torch's OpenMP threads
- * (the extension links the libgomp torch has already loaded).
+ * (docs/performance.md). These kernels stream the weights four rows at a time, rows split over torch's
+ * OpenMP threads (the extension links the libgomp torch has already loaded).
+ *
+ * One source, several builds (dsvl2/model/cpu_kernels.py compiles this file once per instruction set
+ * and picks the build at run time):
+ *   avx512   -DDSVL2_AVX512 -mavx512f/bw/vl/vnni/bf16: the two weight-streaming dot products use
+ *            VDPBF16PS (pairs of bf16 products accumulated in fp32) and VPDPWSSD (int8 weights widened
+ *            to int16, against int16 activations);
+ *   avx2     -mavx2 -mfma -mf16c: everything in plain C that the compiler vectorises (bf16 widened to
+ *            fp32 by a shift, FMA accumulation; int8 x int16 products summed in int32 by VPMADDWD);
+ *   generic  no -m flag: the same plain C for the baseline ISA (x86-64 SSE2, arm64 NEON).
+ * Only dot4() and dot4_i8() have an AVX512 form; every other line of math is shared by all builds.
+ * Plain loops carry `omp simd reduction` so that the compiler may reorder their fp32 sums (vectorise).
  *
  * Rounding follows the reference's rounding points (each projection rounded to bf16, SiLU and the
  * gate product rounded to bf16, expert outputs weighted in fp32 and summed slot by slot), but the
- * dot products accumulate in another order than torch's kernels: bf16-close, not bit-identical. That
- * is why the Python side keeps them opt-in (dsvl2/model/cpu_kernels.py).
- *
- * Built by dsvl2/model/cpu_kernels.py with: gcc -O3 -shared -fPIC -fopenmp (no -march: the kernels
- * carry their own target attribute, and dsvl2_cpu_supported() checks the CPU at run time).
+ * dot products accumulate in another order than torch's kernels (and each build in its own order):
+ * bf16-close, not bit-identical. That is why the exact path (dsvl2.load(exact=True)) does not use them.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
-#define KERNEL __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16")))
 #ifndef PREFETCH_AHEAD
 /* Software prefetch of the next group of four rows at the same columns (rows of one matrix are read
  * four at a time, groups in order): 10-13 % more GB/s than a fixed distance along the row, in
- * interleaved A/B runs of GEMV and experts, bf16 and int8. */
+ * interleaved A/B runs of GEMV and experts, bf16 and int8 (AVX512 build). */
 #define PREFETCH_AHEAD(ld) (4 * (ld))
 #endif
+#define PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
 
-int dsvl2_cpu_supported(void) {
+#if defined(DSVL2_AVX512)
+#define DSVL2_BUILD 2
+#elif defined(__AVX2__) && defined(__FMA__)
+#define DSVL2_BUILD 1
+#else
+#define DSVL2_BUILD 0
+#endif
+
+/* Which build this is: 0 generic, 1 avx2, 2 avx512 (cpu_kernels.py checks it against the file it loaded). */
+int dsvl2_build(void) { return DSVL2_BUILD; }
+
+/* What this CPU can run: bit 0 the avx2 build (AVX2, FMA, F16C), bit 1 the avx512 build (AVX512F/BW/VL,
+ * VNNI, BF16). Called from the generic build only, whose own code runs on any CPU of its architecture. */
+int dsvl2_cpu_features(void) {
+    int f = 0;
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16");
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) f |= 1;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16"))
+        f |= 2;
+#endif
+    return f;
 }
 
 static inline float bf16_to_f32(uint16_t b) {
@@ -51,16 +80,34 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
-/* Dot products of four weight rows with x (n bf16 values each), accumulated in fp32. */
-KERNEL static inline void dot4(const uint16_t *w0, const uint16_t *w1, const uint16_t *w2, const uint16_t *w3,
-                               const uint16_t *x, int64_t n, int64_t ahead, float out[4]) {
+/* sum_i a[i] * b[i] of two bf16 vectors, in fp32. */
+static inline float dot_bf16(const uint16_t *a, const uint16_t *b, int64_t n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) s += bf16_to_f32(a[i]) * bf16_to_f32(b[i]);
+    return s;
+}
+
+/* acc[i] += p * row[i] (fp32 accumulators, bf16 row). */
+static inline void axpy_bf16(float *acc, float p, const uint16_t *row, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) acc[i] += p * bf16_to_f32(row[i]);
+}
+
+#define BLOCK 512 /* columns per inner loop of the plain dot products: their prefetch step, and for int8 the
+                   * longest int32 sum that cannot overflow (512 * 127 * 32767 < 2^31) */
+
+#if defined(DSVL2_AVX512)
+/* Dot products of four weight rows with x (n bf16 values each), accumulated in fp32 by VDPBF16PS. */
+static inline void dot4(const uint16_t *w0, const uint16_t *w1, const uint16_t *w2, const uint16_t *w3,
+                        const uint16_t *x, int64_t n, int64_t ahead, float out[4]) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
-        _mm_prefetch((const char *)(w0 + i + ahead), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w1 + i + ahead), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w2 + i + ahead), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w3 + i + ahead), _MM_HINT_T0);
+        PREFETCH(w0 + i + ahead);
+        PREFETCH(w1 + i + ahead);
+        PREFETCH(w2 + i + ahead);
+        PREFETCH(w3 + i + ahead);
         __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w0 + i), xv);
         a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w1 + i), xv);
@@ -81,8 +128,112 @@ KERNEL static inline void dot4(const uint16_t *w0, const uint16_t *w1, const uin
     out[3] = _mm512_reduce_add_ps(a3);
 }
 
+/* Dot products of four int8 rows with int16 x (n values), as fp32 (unscaled): VPDPWSSD sums pairs of int16
+ * products into 16 int32 lanes, flushed to fp32 every 2048 weights so no lane can overflow (128 products
+ * per lane: 128 * 127 * 32767 < 2^31). */
+static inline void dot4_i8(const int8_t *w0, const int8_t *w1, const int8_t *w2, const int8_t *w3,
+                           const int16_t *x, int64_t n, int64_t ahead, float out[4]) {
+    __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps(), f2 = _mm512_setzero_ps(), f3 = _mm512_setzero_ps();
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+#define WIDEN(p) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p)))
+#define FLUSH()                                                                             \
+    do {                                                                                    \
+        f0 = _mm512_add_ps(f0, _mm512_cvtepi32_ps(a0)); a0 = _mm512_setzero_si512();        \
+        f1 = _mm512_add_ps(f1, _mm512_cvtepi32_ps(a1)); a1 = _mm512_setzero_si512();        \
+        f2 = _mm512_add_ps(f2, _mm512_cvtepi32_ps(a2)); a2 = _mm512_setzero_si512();        \
+        f3 = _mm512_add_ps(f3, _mm512_cvtepi32_ps(a3)); a3 = _mm512_setzero_si512();        \
+    } while (0)
+    for (; i + 32 <= n; i += 32) {
+        if ((i & 63) == 0) {
+            PREFETCH(w0 + i + ahead);
+            PREFETCH(w1 + i + ahead);
+            PREFETCH(w2 + i + ahead);
+            PREFETCH(w3 + i + ahead);
+        }
+        __m512i xv = _mm512_loadu_si512(x + i);
+        a0 = _mm512_dpwssd_epi32(a0, WIDEN(w0 + i), xv);
+        a1 = _mm512_dpwssd_epi32(a1, WIDEN(w1 + i), xv);
+        a2 = _mm512_dpwssd_epi32(a2, WIDEN(w2 + i), xv);
+        a3 = _mm512_dpwssd_epi32(a3, WIDEN(w3 + i), xv);
+        if ((i & 2047) == 2016) FLUSH(); /* every 2048 weights */
+    }
+#undef WIDEN
+    if (i < n) {
+        __mmask32 m = (__mmask32)((1ull << (n - i)) - 1);
+        __m512i xv = _mm512_maskz_loadu_epi16(m, x + i);
+#define WIDEN_M(p) _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, (p)))
+        a0 = _mm512_dpwssd_epi32(a0, WIDEN_M(w0 + i), xv);
+        a1 = _mm512_dpwssd_epi32(a1, WIDEN_M(w1 + i), xv);
+        a2 = _mm512_dpwssd_epi32(a2, WIDEN_M(w2 + i), xv);
+        a3 = _mm512_dpwssd_epi32(a3, WIDEN_M(w3 + i), xv);
+#undef WIDEN_M
+    }
+    FLUSH();
+#undef FLUSH
+    out[0] = _mm512_reduce_add_ps(f0);
+    out[1] = _mm512_reduce_add_ps(f1);
+    out[2] = _mm512_reduce_add_ps(f2);
+    out[3] = _mm512_reduce_add_ps(f3);
+}
+#else
+/* Dot products of four weight rows with x (n bf16 values each), accumulated in fp32: plain loops the
+ * compiler vectorises (widen by a shift, FMA), BLOCK columns at a time with the next group's lines prefetched. */
+static inline void dot4(const uint16_t *w0, const uint16_t *w1, const uint16_t *w2, const uint16_t *w3,
+                        const uint16_t *x, int64_t n, int64_t ahead, float out[4]) {
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    for (int64_t b = 0; b < n; b += BLOCK) {
+        int64_t e = b + BLOCK < n ? b + BLOCK : n;
+        for (int64_t i = b; i < e; i += 32) { /* one 64-byte line of each row */
+            PREFETCH(w0 + i + ahead);
+            PREFETCH(w1 + i + ahead);
+            PREFETCH(w2 + i + ahead);
+            PREFETCH(w3 + i + ahead);
+        }
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int64_t i = b; i < e; i++) {
+            float xv = bf16_to_f32(x[i]);
+            s0 += bf16_to_f32(w0[i]) * xv;
+            s1 += bf16_to_f32(w1[i]) * xv;
+            s2 += bf16_to_f32(w2[i]) * xv;
+            s3 += bf16_to_f32(w3[i]) * xv;
+        }
+    }
+    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
+/* Dot products of four int8 rows with int16 x (n values), as fp32 (unscaled): exact int32 sums of BLOCK
+ * products (int8 widened to int16: the compiler's VPMADDWD), added up in fp32. */
+static inline void dot4_i8(const int8_t *w0, const int8_t *w1, const int8_t *w2, const int8_t *w3,
+                           const int16_t *x, int64_t n, int64_t ahead, float out[4]) {
+    float f0 = 0.0f, f1 = 0.0f, f2 = 0.0f, f3 = 0.0f;
+    for (int64_t b = 0; b < n; b += BLOCK) {
+        int64_t e = b + BLOCK < n ? b + BLOCK : n;
+        for (int64_t i = b; i < e; i += 64) {
+            PREFETCH(w0 + i + ahead);
+            PREFETCH(w1 + i + ahead);
+            PREFETCH(w2 + i + ahead);
+            PREFETCH(w3 + i + ahead);
+        }
+        int16_t v0[BLOCK], v1[BLOCK], v2[BLOCK], v3[BLOCK]; /* widened first: int16 x int16 sums are VPMADDWD */
+        for (int64_t i = 0; i < e - b; i++) v0[i] = w0[b + i], v1[i] = w1[b + i], v2[i] = w2[b + i], v3[i] = w3[b + i];
+        const int16_t *xb = x + b;
+        int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0; /* integer sums: vectorised without a pragma (one would
+                                                  * hide the VPMADDWD pattern from gcc) */
+        for (int64_t i = 0; i < e - b; i++) {
+            s0 += v0[i] * xb[i];
+            s1 += v1[i] * xb[i];
+            s2 += v2[i] * xb[i];
+            s3 += v3[i] * xb[i];
+        }
+        f0 += (float)s0, f1 += (float)s1, f2 += (float)s2, f3 += (float)s3;
+    }
+    out[0] = f0, out[1] = f1, out[2] = f2, out[3] = f3;
+}
+#endif
+
 /* rows [r0, r1) of y = W x in fp32; W is (rows, n) with row stride ldw; a partial last group repeats row r1-1. */
-KERNEL static inline void rows_f32(const uint16_t *W, int64_t ldw, const uint16_t *x, int64_t n, int64_t r,
+static inline void rows_f32(const uint16_t *W, int64_t ldw, const uint16_t *x, int64_t n, int64_t r,
                                    int64_t rows, float *y) {
     int64_t last = rows - 1;
     const uint16_t *w0 = W + r * ldw;
@@ -95,10 +246,10 @@ KERNEL static inline void rows_f32(const uint16_t *W, int64_t ldw, const uint16_
 }
 
 /* y (O,) bf16 = W (O, I) bf16 @ x (I,) bf16, fp32 accumulation, rounded once. */
-KERNEL void dsvl2_gemv_bf16(const uint16_t *W, int64_t O, int64_t I, int64_t ldw, const uint16_t *x, uint16_t *y) {
+void dsvl2_gemv_bf16(const uint16_t *W, int64_t O, int64_t I, int64_t ldw, const uint16_t *x, uint16_t *y) {
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < O; r += 4) {
-        float d[4];
+        float d[4] = {0};
         rows_f32(W, ldw, x, I, r, O, d);
         for (int j = 0; j < 4 && r + j < O; j++) y[r + j] = f32_to_bf16(d[j]);
     }
@@ -142,7 +293,7 @@ static int64_t group_slots(const int64_t *idx, int64_t slots, int64_t *order, in
  * with e = idx[t,k]. gate/up (E, I, D), down (E, D, I), contiguous. Scratch: h (T*K*I) bf16,
  * y (T*K*D) fp32. Three phases in one parallel region: gate/up rows, down rows, the combine. Jobs are
  * (expert, 4 rows): an expert chosen by several tokens is read once, its rows reused from L1. */
-KERNEL void dsvl2_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const uint16_t *gate, const uint16_t *up,
+void dsvl2_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const uint16_t *gate, const uint16_t *up,
                            const uint16_t *down, int64_t I, const int64_t *idx, const float *w, int64_t K,
                            uint16_t *h, float *y, uint16_t *out) {
     int64_t slots = T * K, igroups = (I + 3) / 4, dgroups = (D + 3) / 4;
@@ -180,9 +331,8 @@ KERNEL void dsvl2_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const uint16
 /* ---- int8 weight-only (dsvl2/model/quant.py): q (rows, n) int8 with one bf16 scale per row ------------
  * Widening every int8 weight to fp32 costs two shuffles per 16 weights and left the GEMV compute-bound
  * (~10 GB/s of int8 on two cores). Instead the activations are quantized to int16 (one scale per
- * vector, |error| <= max|x| / 65534, ~256x finer than bf16's rounding of x itself) and VPDPWSSD sums
- * pairs of int16 products into 16 int32 lanes, flushed to fp32 every 2048 weights so no lane can
- * overflow (128 products per lane: 128 * 127 * 32767 < 2^31). Each row's result (sum * x scale * row
+ * vector, |error| <= max|x| / 65534, ~256x finer than bf16's rounding of x itself) and the products
+ * are summed exactly in int32 (dot4_i8), in fp32 beyond that. Each row's result (sum * x scale * row
  * scale) is rounded to bf16 once, as torch._weight_int8pack_mm's; the two agree to bf16 rounding
  * (tests/test_cpu_kernels.py). */
 
@@ -198,55 +348,8 @@ static float quantize_i16(const float *x, const uint16_t *xb, int64_t n, int16_t
     return s;
 }
 
-/* Dot products of four int8 rows with int16 x (n values), as fp32 (unscaled). */
-KERNEL static inline void dot4_i8(const int8_t *w0, const int8_t *w1, const int8_t *w2, const int8_t *w3,
-                                  const int16_t *x, int64_t n, int64_t ahead, float out[4]) {
-    __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps(), f2 = _mm512_setzero_ps(), f3 = _mm512_setzero_ps();
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t i = 0;
-#define WIDEN(p) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p)))
-#define FLUSH()                                                                             \
-    do {                                                                                    \
-        f0 = _mm512_add_ps(f0, _mm512_cvtepi32_ps(a0)); a0 = _mm512_setzero_si512();        \
-        f1 = _mm512_add_ps(f1, _mm512_cvtepi32_ps(a1)); a1 = _mm512_setzero_si512();        \
-        f2 = _mm512_add_ps(f2, _mm512_cvtepi32_ps(a2)); a2 = _mm512_setzero_si512();        \
-        f3 = _mm512_add_ps(f3, _mm512_cvtepi32_ps(a3)); a3 = _mm512_setzero_si512();        \
-    } while (0)
-    for (; i + 32 <= n; i += 32) {
-        if ((i & 63) == 0) {
-            _mm_prefetch((const char *)(w0 + i + ahead), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w1 + i + ahead), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w2 + i + ahead), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w3 + i + ahead), _MM_HINT_T0);
-        }
-        __m512i xv = _mm512_loadu_si512(x + i);
-        a0 = _mm512_dpwssd_epi32(a0, WIDEN(w0 + i), xv);
-        a1 = _mm512_dpwssd_epi32(a1, WIDEN(w1 + i), xv);
-        a2 = _mm512_dpwssd_epi32(a2, WIDEN(w2 + i), xv);
-        a3 = _mm512_dpwssd_epi32(a3, WIDEN(w3 + i), xv);
-        if ((i & 2047) == 2016) FLUSH(); /* every 2048 weights */
-    }
-#undef WIDEN
-    if (i < n) {
-        __mmask32 m = (__mmask32)((1ull << (n - i)) - 1);
-        __m512i xv = _mm512_maskz_loadu_epi16(m, x + i);
-#define WIDEN_M(p) _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, (p)))
-        a0 = _mm512_dpwssd_epi32(a0, WIDEN_M(w0 + i), xv);
-        a1 = _mm512_dpwssd_epi32(a1, WIDEN_M(w1 + i), xv);
-        a2 = _mm512_dpwssd_epi32(a2, WIDEN_M(w2 + i), xv);
-        a3 = _mm512_dpwssd_epi32(a3, WIDEN_M(w3 + i), xv);
-#undef WIDEN_M
-    }
-    FLUSH();
-#undef FLUSH
-    out[0] = _mm512_reduce_add_ps(f0);
-    out[1] = _mm512_reduce_add_ps(f1);
-    out[2] = _mm512_reduce_add_ps(f2);
-    out[3] = _mm512_reduce_add_ps(f3);
-}
-
 /* rows [r, r+4) of y = diag(scale) Q x * sx in fp32 (scale bf16, one per row); partial groups as rows_f32. */
-KERNEL static inline void rows_i8(const int8_t *Q, int64_t ldq, const uint16_t *scale, const int16_t *x, float sx,
+static inline void rows_i8(const int8_t *Q, int64_t ldq, const uint16_t *scale, const int16_t *x, float sx,
                                   int64_t n, int64_t r, int64_t rows, float *y) {
     int64_t last = rows - 1;
     const int8_t *w0 = Q + r * ldq;
@@ -260,7 +363,7 @@ KERNEL static inline void rows_i8(const int8_t *Q, int64_t ldq, const uint16_t *
 
 /* y (T, O) bf16 = (x (T, I) bf16 @ Q^T) * scale, Q (O, I) int8 with row scales (O,) bf16. Each group of
  * four weight rows is read from memory once and reused from L1 for the T rows of x (decode batches). */
-KERNEL void dsvl2_gemm_int8(const int8_t *Q, int64_t O, int64_t I, int64_t ldq, const uint16_t *scale,
+void dsvl2_gemm_int8(const int8_t *Q, int64_t O, int64_t I, int64_t ldq, const uint16_t *scale,
                             const uint16_t *x, int64_t T, uint16_t *y) {
     int16_t *xq = malloc((size_t)(T * I) * sizeof(int16_t));
     float *sx = malloc((size_t)T * sizeof(float));
@@ -280,7 +383,7 @@ KERNEL void dsvl2_gemm_int8(const int8_t *Q, int64_t O, int64_t I, int64_t ldq, 
 /* dsvl2_moe_bf16 with int8 experts: gate/up (E, I, D) int8 with scales (E, I), down (E, D, I) int8 with
  * scales (E, D), all bf16 scales; x (T, D) bf16. Scratch h (T*K*I) fp32, y (T*K*D) fp32. Rounding as
  * quant.Int8Experts: each projection rounded to bf16, SiLU and the product rounded to bf16. */
-KERNEL void dsvl2_moe_int8(const uint16_t *x, int64_t T, int64_t D, const int8_t *gate, const uint16_t *gate_s,
+void dsvl2_moe_int8(const uint16_t *x, int64_t T, int64_t D, const int8_t *gate, const uint16_t *gate_s,
                            const int8_t *up, const uint16_t *up_s, const int8_t *down, const uint16_t *down_s,
                            int64_t I, const int64_t *idx, const float *w, int64_t K, float *h, float *y,
                            uint16_t *out) {
@@ -329,11 +432,6 @@ KERNEL void dsvl2_moe_int8(const uint16_t *x, int64_t T, int64_t D, const int8_t
  * attention over positions 0..pos as SDPA computes it (fp32 scores scaled by 1/scale_div, fp32
  * softmax, probabilities rounded to bf16 for the product with v, fp32 sums, one bf16 rounding),
  * then the output projection. hd a multiple of 16, at most 256. Scratch: 4 * D bf16 + H * (pos + 1) fp32. */
-/* 16 bf16 values widened to fp32 (exact). */
-KERNEL static inline __m512 widen_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
 static void project(const void *W, const uint16_t *s, int64_t O, int64_t I, const uint16_t *x, uint16_t *y) {
     if (s) dsvl2_gemm_int8((const int8_t *)W, O, I, I, s, x, 1, y);
     else dsvl2_gemv_bf16((const uint16_t *)W, O, I, I, x, y);
@@ -353,7 +451,7 @@ static void rope(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t 
     }
 }
 
-KERNEL void dsvl2_mha_decode(const uint16_t *x, int64_t D, int64_t H, int64_t hd, const void *wq, const uint16_t *sq,
+void dsvl2_mha_decode(const uint16_t *x, int64_t D, int64_t H, int64_t hd, const void *wq, const uint16_t *sq,
                              const void *wk, const uint16_t *sk, const void *wv, const uint16_t *sv, const void *wo,
                              const uint16_t *so, const uint16_t *cos, const uint16_t *sin, uint16_t *kc, uint16_t *vc,
                              int64_t ld_t, int64_t pos, float scale_div, uint16_t *out) {
@@ -371,32 +469,20 @@ KERNEL void dsvl2_mha_decode(const uint16_t *x, int64_t D, int64_t H, int64_t hd
     }
     float inv = 1.0f / scale_div;
 #pragma omp parallel for schedule(static)
-    for (int64_t h = 0; h < H; h++) { /* hd is a multiple of 16 (checked by the caller) */
+    for (int64_t h = 0; h < H; h++) { /* hd <= 256 (checked by the caller) */
         const uint16_t *qh = q + h * hd, *kh = kc + h * ld_t * hd, *vh = vc + h * ld_t * hd;
         float *sc = scores + h * T, m = -INFINITY, sum = 0.0f;
-        __m512 acc[16];
-        int64_t nv = hd / 16;
-        for (int64_t j = 0; j < nv; j++) acc[j] = _mm512_setzero_ps();
+        float acc[256] = {0};
         for (int64_t t = 0; t < T; t++) {
-            const uint16_t *kt = kh + t * hd;
-            __m512 d = _mm512_setzero_ps();
-            for (int64_t j = 0; j < nv; j++)
-                d = _mm512_fmadd_ps(widen_bf16(qh + 16 * j), widen_bf16(kt + 16 * j), d);
-            sc[t] = _mm512_reduce_add_ps(d) * inv;
+            sc[t] = dot_bf16(qh, kh + t * hd, hd) * inv;
             m = fmaxf(m, sc[t]);
         }
         for (int64_t t = 0; t < T; t++) {
             float p = expf(sc[t] - m);
             sum += p;
-            __m512 pb = _mm512_set1_ps(round_bf16(p));
-            const uint16_t *vt = vh + t * hd;
-            for (int64_t j = 0; j < nv; j++) acc[j] = _mm512_fmadd_ps(pb, widen_bf16(vt + 16 * j), acc[j]);
+            axpy_bf16(acc, round_bf16(p), vh + t * hd, hd);
         }
-        float r[16];
-        for (int64_t j = 0; j < nv; j++) {
-            _mm512_storeu_ps(r, acc[j]);
-            for (int i = 0; i < 16; i++) o[h * hd + 16 * j + i] = f32_to_bf16(r[i] / sum);
-        }
+        for (int64_t i = 0; i < hd; i++) o[h * hd + i] = f32_to_bf16(acc[i] / sum);
     }
     project(wo, so, D, D, o, out);
     free(buf);
@@ -410,23 +496,6 @@ KERNEL void dsvl2_mha_decode(const uint16_t *x, int64_t D, int64_t H, int64_t hd
  * bf16(bf16(bf16(q_pe . k_pe) + bf16(q_lat . latent)) * scale), fp32 softmax rounded to bf16,
  * o_lat = probs @ latents, o = o_lat @ W_UV^T per head, then o_proj. Dot products accumulate in fp32 in
  * another order than torch's kernels: bf16-close. */
-KERNEL static inline float dot_bf16(const uint16_t *a, const uint16_t *b, int64_t n) {
-    __m512 acc = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(widen_bf16(a + i), widen_bf16(b + i), acc);
-    float s = _mm512_reduce_add_ps(acc);
-    for (; i < n; i++) s += bf16_to_f32(a[i]) * bf16_to_f32(b[i]);
-    return s;
-}
-
-KERNEL static inline void axpy_bf16(float *acc, float p, const uint16_t *row, int64_t n) {
-    __m512 pv = _mm512_set1_ps(p);
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, widen_bf16(row + i), _mm512_loadu_ps(acc + i)));
-    for (; i < n; i++) acc[i] += p * bf16_to_f32(row[i]);
-}
-
 static void rope_interleaved(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t n) {
     uint16_t t[n];
     for (int64_t i = 0; i < n / 2; i++) t[i] = x[2 * i], t[n / 2 + i] = x[2 * i + 1];
@@ -434,7 +503,7 @@ static void rope_interleaved(uint16_t *x, const uint16_t *cos, const uint16_t *s
     rope(x, cos, sin, n);
 }
 
-KERNEL void dsvl2_mla_decode(const uint16_t *x, int64_t D, int64_t H, int64_t nope, int64_t rp, int64_t vd, int64_t R,
+void dsvl2_mla_decode(const uint16_t *x, int64_t D, int64_t H, int64_t nope, int64_t rp, int64_t vd, int64_t R,
                              const void *wq, const uint16_t *sq, const void *wa, const uint16_t *sa,
                              const uint16_t *norm_w, float eps, const uint16_t *wkvb, const void *wo,
                              const uint16_t *so, const uint16_t *cos, const uint16_t *sin, uint16_t *lat_cache,
@@ -490,7 +559,7 @@ KERNEL void dsvl2_mla_decode(const uint16_t *x, int64_t D, int64_t H, int64_t no
 
 /* RMSNorm of R rows of n bf16 values, as layers.RMSNorm: fp32 statistics, x * rsqrt(mean(x^2) + eps)
  * rounded to bf16, then the bf16 weight multiply rounded again (the mean sums in another order). */
-KERNEL void dsvl2_rmsnorm_bf16(const uint16_t *x, int64_t R, int64_t n, const uint16_t *w, float eps, uint16_t *y) {
+void dsvl2_rmsnorm_bf16(const uint16_t *x, int64_t R, int64_t n, const uint16_t *w, float eps, uint16_t *y) {
     for (int64_t r = 0; r < R; r++) {
         const uint16_t *xr = x + r * n;
         uint16_t *yr = y + r * n;
@@ -504,7 +573,7 @@ KERNEL void dsvl2_rmsnorm_bf16(const uint16_t *x, int64_t R, int64_t n, const ui
  * (greedy) or sigmoid plus the correction bias for the choice (noaux_tc), the top K in descending order
  * of the choice score (ties to the lower expert id), weights = scores of the chosen, normalised when
  * norm_topk, times scaling. scores (E,) receives the fp32 routing scores. */
-KERNEL void dsvl2_router(const uint16_t *x, int64_t D, const uint16_t *w, int64_t E, int64_t K, int noaux,
+void dsvl2_router(const uint16_t *x, int64_t D, const uint16_t *w, int64_t E, int64_t K, int noaux,
                          const float *bias, int norm_topk, float scaling, int64_t *idx, float *weight, float *scores) {
     float choice[E];
     int taken[E];
@@ -536,40 +605,47 @@ KERNEL void dsvl2_router(const uint16_t *x, int64_t D, const uint16_t *w, int64_
         weight[k] = (K > 1 && norm_topk) ? weight[k] / (total + 1e-20f) * scaling : weight[k] * scaling;
 }
 
-/* exp of 16 fp32 lanes: n = round(x log2 e), r = x - n ln 2 (two-part ln 2), a degree-6 polynomial for
- * e^r on |r| <= ln 2 / 2 (relative error ~2e-7), times 2^n (scalef: 0 and inf beyond the fp32 range). */
-KERNEL static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(104.0f)), _mm512_set1_ps(-104.0f)); /* 2^n saturates to inf / 0 */
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+/* e^x in fp32 for x <= 0 (GELU's argument after the sign flip below), in plain C the compiler vectorises:
+ * n = round(x log2 e) (by the 1.5 * 2^23 trick), r = x - n ln 2 (two-part ln 2), a degree-6 polynomial
+ * for e^r on |r| <= ln 2 / 2 (relative error ~2e-7), times 2^n built in the exponent bits. x is clamped
+ * to -87 (2^n stays normal): e^-87 ~ 1.6e-38, which the caller only divides by. */
+static inline float exp_neg(float x) {
+    x = x < -87.0f ? -87.0f : (x > 0.0f ? 0.0f : x);
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
 }
 
 /* tanh-GELU of n bf16 values (the ViT's MLP, F.gelu(approximate="tanh")), y may equal x. Computed in fp32 as
  * x * sigmoid(2u), u = sqrt(2 / pi) (x + 0.044715 x^3), which equals 0.5 x (1 + tanh u) without its
- * cancellation for negative u; rounded to bf16 once. torch evaluates the tanh form (Sleef tanh), so the
- * two differ by at most one bf16 step, and only where torch's own result is off by a fraction of one.
- * torch's bf16 kernel ran ~2 ns a value here, 4.5x its erf GELU: a third of the vision tower's non-matmul time. */
-KERNEL void dsvl2_gelu_tanh_bf16(const uint16_t *x, int64_t n, uint16_t *y) {
+ * cancellation for negative u; rounded to bf16 once. With e = e^-2|u| (never overflows):
+ * sigmoid(2u) = 1 / (1 + e) for u >= 0 and e / (1 + e) for u < 0. torch evaluates the tanh form (Sleef
+ * tanh), so the two differ by at most one bf16 step, and only where torch's own result is off by a
+ * fraction of one. torch's bf16 kernel ran ~2 ns a value here, 4.5x its erf GELU: a third of the vision
+ * tower's non-matmul time. */
+void dsvl2_gelu_tanh_bf16(const uint16_t *x, int64_t n, uint16_t *y) {
     const int64_t block = 1 << 14;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < n; b += block) {
         int64_t end = b + block < n ? b + block : n;
-        for (int64_t i = b; i < end; i += 16) {
-            __mmask16 m = end - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (end - i)) - 1);
-            __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x + i)), 16));
-            __m512 u = _mm512_mul_ps(v, _mm512_fmadd_ps(_mm512_mul_ps(v, v), _mm512_set1_ps(0.044715f), _mm512_set1_ps(1.0f)));
-            u = _mm512_mul_ps(u, _mm512_set1_ps(-2.0f * 0.7978845608028654f));
-            __m512 g = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(u)));
-            _mm256_mask_storeu_epi16(y + i, m, (__m256i)_mm512_cvtneps_pbh(g));
+#pragma omp simd
+        for (int64_t i = b; i < end; i++) {
+            float v = bf16_to_f32(x[i]);
+            float u = 0.7978845608028654f * v * (1.0f + 0.044715f * v * v);
+            float e = exp_neg(-2.0f * fabsf(u));
+            float g = v * (u >= 0.0f ? 1.0f : e) / (1.0f + e);
+            y[i] = f32_to_bf16(g);
         }
     }
 }
