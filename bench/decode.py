@@ -2,7 +2,8 @@
 
     python bench/make_checkpoint.py --preset tiny --out /work/ckpt/tiny                 # full Tiny, random
     python bench/make_checkpoint.py --preset small --layers 4 --out /work/ckpt/small4   # MLA cache path
-    python bench/decode.py --model /work/ckpt/tiny [--quantize int8] [--fused-attention] [--cpu-kernels] [--compile] [--threads 2]
+    python bench/decode.py --model /work/ckpt/tiny [--quantize int8] [--exact] [--compile] [--threads 2]
+    DSVL2_CPU_ISA=avx2 python bench/decode.py ...    # the portable kernels (forced; any x86-64)
     python bench/decode.py --preset tiny --device cuda --json out.json   # random weights built on the GPU
     python bench/decode.py --preset small --layers 4 --device cuda [--compile] --json out.json
 
@@ -64,9 +65,10 @@ from dsvl2.generation.generate import (
     decode_one_token,
     prefill,
 )
-from dsvl2.model import cpu_kernels
 from dsvl2.model.cache import make_cache
 from dsvl2.model.init import init_random_
+from dsvl2.model.plan import apply as apply_plan
+from dsvl2.model.plan import resolve as resolve_plan
 from dsvl2.model.vlm import DSVL2
 from dsvl2.pipeline import Pipeline, resolve_dtype
 from dsvl2.processing.processor import Processor
@@ -273,10 +275,8 @@ def main() -> None:
     ap.add_argument("--quantize", default=None, choices=[None, "int8"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="decode through torch.compile")
-    ap.add_argument("--cpu-kernels", action="store_true",
-                    help="decode through the opt-in AVX512 kernels, bf16 or int8 (dsvl2/model/cpu_kernels.py)")
-    ap.add_argument("--fused-attention", action="store_true",
-                    help="SDPA attention in prefill and decode (GenerateArgs.fused_attention: bf16-close)")
+    ap.add_argument("--exact", action="store_true",
+                    help="the exact plan (every op in its reference form) instead of the fast plan for this machine")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
@@ -297,10 +297,7 @@ def main() -> None:
     r: dict[str, float | str | None] = {"model": name, "threads": a.threads,
                                         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
                                         "loadavg_start": os.getloadavg()[0], "quantize": str(a.quantize),
-                                        "fused_attention": str(a.fused_attention), "compile": str(a.compile),
-                                        "cpu_kernels": str(a.cpu_kernels)}
-    if a.cpu_kernels:
-        cpu_kernels.enable()
+                                        "compile": str(a.compile)}
     if dev.type == "cuda":
         r.update(device="cuda", gpu_name=torch.cuda.get_device_name(dev))
         r.update(machine(torch.bfloat16))  # in process: host RSS is not what is measured on a GPU
@@ -310,9 +307,11 @@ def main() -> None:
 
     t = clock()
     if a.model:
-        pipe = dsvl2.load(a.model, dtype=a.dtype, device=str(dev), quantize=a.quantize)
+        pipe = dsvl2.load(a.model, dtype=a.dtype, device=str(dev), quantize=a.quantize, exact=a.exact)
     else:
         pipe = random_pipeline(a.preset, a.layers, resolve_dtype(a.dtype), dev, a.tokenizer_from, a.quantize)
+        apply_plan(pipe.model, resolve_plan(dev, pipe.model.dtype, a.exact))
+    r["plan"] = pipe.plan.describe()
     r["load_s"] = clock() - t
     r["rss_after_load_GB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     if dev.type == "cuda":  # the peak below: the model + the run, not the loader's or the init's temporaries
@@ -345,7 +344,7 @@ def main() -> None:
 
     def run_prefill(e: torch.Tensor, m: torch.Tensor):
         cache = make_cache(lc, e.shape[0], total, model.dtype, dev)
-        return cache, prefill(model, e, m, cache, expanded=a.fused_attention)
+        return cache, prefill(model, e, m, cache)
 
     pre = best(lambda: run_prefill(embeds, mask), 2)
     r.update(prompt_tokens=t_prompt, prefill_tok_per_s=t_prompt / pre,
@@ -369,14 +368,14 @@ def main() -> None:
             mm = m
             for _ in range(3):
                 mm = torch.cat([mm, torch.ones(b, 1, dtype=torch.bool, device=dev)], dim=1)
-                step(model, tok, mm, c2, a.fused_attention, False)
+                step(model, tok, mm, c2, None, False)
             r[f"compile_s_b{b}"] = clock() - t0
             del c2
         for i in range(a.decode_tokens + WARMUP_STEPS):
             if i == WARMUP_STEPS:  # first steps untimed: one-time allocations, idle threads waking
                 t0 = clock()
             m = torch.cat([m, torch.ones(b, 1, dtype=torch.bool, device=dev)], dim=1)
-            tok = step(model, tok, m, cache, a.fused_attention, False).argmax(-1)
+            tok = step(model, tok, m, cache, None, False).argmax(-1)
         return b * a.decode_tokens / (clock() - t0), cache.bytes_per_token
 
     r["decode_tok_per_s_b1"], kv = decode_rate(1)

@@ -7,9 +7,10 @@ Variants (all greedy, same weights, same cache length):
   every linear through ``F.linear``, attention scores and weighted sums through torch's bf16 matmul;
 - ``default``: what ``generate`` runs (bit-identical to ``plain``): grouped expert GEMMs (transposed
   for decode), single-row linears through ``torch.mv``, one query row over the cache in fp32;
-- ``fused``: ``GenerateArgs(fused_attention=True)``: SDPA over the cache (bf16-close);
-- ``kernels``: ``fused`` plus the opt-in AVX512-BF16 kernels (``dsvl2.load(..., cpu_kernels=True)``):
-  single-row GEMVs and the routed experts of a token in C (batch 1 only; bf16-close).
+- ``fused``: a plan with ``fused_attention`` only: SDPA over the cache (bf16-close);
+- ``kernels``: the fast plan ``dsvl2.load`` chooses (``fused`` plus dsvl2's C kernels in the build this
+  CPU runs, ``$DSVL2_CPU_ISA`` to force one): batch-1 decode steps in C (bf16-close).
+``plain``, ``default`` and ``fused`` run under the exact plan (``default``) or its fused variant.
 Then prefill of the same prompt (batch 1), interleaved the same way: ``unblocked`` (the reference
 attention over all query rows at once, as before), ``default`` (in blocks of 128 query rows,
 bit-identical) and ``fused`` (SDPA).
@@ -33,30 +34,34 @@ import torch
 
 import dsvl2
 from dsvl2.generation import generate as gen
-from dsvl2.model import attention, cpu_kernels, moe
+from dsvl2.model import attention, llm, moe
 from dsvl2.model.cache import make_cache
+from dsvl2.model.plan import EXACT, Plan, apply, resolve
 
 
 @contextlib.contextmanager
 def plain_forms():
     """Swap the fast paths for the plain forms (module attributes restored on exit)."""
-    saved = (attention.linear, gen.linear, attention.one_cpu_query_row, moe.grouped_mm_supported)
-    attention.linear = gen.linear = lambda x, layer: layer(x)
+    saved = (attention.linear, llm.linear, attention.one_cpu_query_row, moe.grouped_mm_supported)
+    attention.linear = llm.linear = lambda x, layer, plan=None: layer(x)
     attention.one_cpu_query_row = lambda a: False
     moe.grouped_mm_supported = lambda x: False
     try:
         yield
     finally:
-        attention.linear, gen.linear, attention.one_cpu_query_row, moe.grouped_mm_supported = saved
+        attention.linear, llm.linear, attention.one_cpu_query_row, moe.grouped_mm_supported = saved
 
 
-@contextlib.contextmanager
-def kernels_on():
-    cpu_kernels.enable(True)
-    try:
-        yield
-    finally:
-        cpu_kernels.enable(False)
+def planned(model, plan: Plan):
+    """A context that runs ``model`` under ``plan`` (the exact plan again on exit)."""
+    @contextlib.contextmanager
+    def ctx():
+        apply(model, plan)
+        try:
+            yield
+        finally:
+            apply(model, EXACT)
+    return ctx
 
 
 @contextlib.contextmanager
@@ -79,13 +84,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    model = dsvl2.load(a.model, dtype="bf16", device="cpu").model
+    model = dsvl2.load(a.model, dtype="bf16", device="cpu", exact=True).model
+    fast = resolve("cpu", torch.bfloat16)
     lc = model.cfg.language_config
     print(f"model {a.model}, prompt {a.prompt} tokens, threads {a.threads}, loadavg {os.getloadavg()[0]:.2f}")
+    print("fast plan:", fast.describe())
     variants = {"plain": (plain_forms, False), "default": (contextlib.nullcontext, False),
                 "fused": (contextlib.nullcontext, True)}
-    if cpu_kernels.available():
-        variants["kernels"] = (kernels_on, True)
+    if fast.kernels:
+        variants["kernels"] = (planned(model, fast), True)
     for b in a.batch:
         ids = torch.randint(1000, 100000, (b, a.prompt), generator=torch.Generator().manual_seed(b))
         mask = torch.ones(b, a.prompt, dtype=torch.bool)

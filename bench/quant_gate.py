@@ -1,16 +1,18 @@
-"""Quality gate of int8 weight-only quantization on the golden cases (../shared/golden).
+"""Quality gate of the fast execution plan and of int8 weights, on the golden cases (../shared/golden)
+and the trained demo model.
 
-    python bench/quant_gate.py [--golden ../shared/golden] [--steps 8] [--demo 60] [--cpu-kernels]
+    python bench/quant_gate.py [--golden ../shared/golden] [--steps 8] [--demo 60] [--quantize int8]
 
 For each golden micro checkpoint (the three attention/router structures) and each of the 14 cases,
 and for the shipped demo model (trained, so its logits are not near-tied as random weights' are) on
-``--demo`` held-out demo-task prompts, the bf16 model and the same checkpoint loaded with
-``quantize="int8"`` are compared on:
-- the cosine of the last prompt position's logits (gate: >= 0.995);
-- greedy decoding: whether the first ``--steps`` tokens are identical (gate: most cases).
-As a yardstick the same two numbers are printed for bf16 against fp32 (the precision the official
-bf16 checkpoint already gives up), since random-weight micro models have many near-tied logits.
-``--cpu-kernels`` runs the int8 model's decode through the opt-in C kernels (dsvl2/model/cpu_kernels.py).
+``--demo`` held-out demo-task prompts, these pairs are compared:
+- ``fast/exact``: the default load (the fast plan for this machine: SDPA attention, dsvl2's C kernels
+  in the build this CPU runs, ``$DSVL2_CPU_ISA`` to force one) against ``exact=True`` (the reference path);
+- ``int8/exact``: ``quantize="int8"`` (fast plan) against the exact bf16 model;
+- ``bf16/fp32`` (yardstick): exact bf16 against exact fp32, the precision the official bf16 checkpoint
+  already gives up (random-weight micro models have many near-tied logits).
+on two numbers: the cosine of the last prompt position's logits (gate: >= 0.995) and whether the first
+``--steps`` greedy tokens are identical (gate: the cases where bf16 itself keeps fp32's tokens).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from golden_utils import STRUCTURES, cases, conversation
 
+PAIRS = (("fast", "exact"), ("int8", "exact"), ("exact", "fp32"))
+
 
 @torch.no_grad()
 def last_logits(pipe, batch) -> torch.Tensor:
@@ -45,35 +49,30 @@ def greedy(pipe, batch, n: int) -> list[int]:
     return [int(s.tokens[0]) for s in steps]
 
 
-def compare(pipes: dict, batches: list, steps: int, kernels: bool) -> list[tuple[float, bool, float, bool]]:
-    """Per batch: (cos int8/bf16, greedy int8 == bf16, cos bf16/fp32, greedy bf16 == fp32)."""
-    from dsvl2.model import cpu_kernels
-
+def compare(pipes: dict, batches: list, steps: int) -> list[list[tuple[float, bool]]]:
+    """Per batch, per pair of ``PAIRS``: (logits cosine, first ``steps`` greedy tokens identical)."""
     out = []
     for batch in batches:
-        logits, tokens = {}, {}
-        for k, p in pipes.items():
-            cpu_kernels.enable(kernels and k == "int8")
-            logits[k], tokens[k] = last_logits(p, batch), greedy(p, batch, steps)
-        cpu_kernels.enable(False)
+        logits = {k: last_logits(p, batch) for k, p in pipes.items()}
+        tokens = {k: greedy(p, batch, steps) for k, p in pipes.items()}
         cos = torch.nn.functional.cosine_similarity
-        out.append((cos(logits["int8"], logits["bf16"], dim=0).item(), tokens["int8"] == tokens["bf16"],
-                    cos(logits["bf16"], logits["fp32"], dim=0).item(), tokens["bf16"] == tokens["fp32"]))
+        out.append([(cos(logits[a], logits[b], dim=0).item(), tokens[a] == tokens[b]) for a, b in PAIRS])
     return out
 
 
-def three(ckpt) -> dict:
-    return {"fp32": dsvl2.load(ckpt, dtype="fp32", device="cpu"),
-            "bf16": dsvl2.load(ckpt, dtype="bf16", device="cpu"),
-            "int8": dsvl2.load(ckpt, dtype="bf16", device="cpu", quantize="int8")}
+def pipes_of(ckpt, quantize: str) -> dict:
+    return {"fp32": dsvl2.load(ckpt, dtype="fp32", device="cpu", exact=True),
+            "exact": dsvl2.load(ckpt, dtype="bf16", device="cpu", exact=True),
+            "fast": dsvl2.load(ckpt, dtype="bf16", device="cpu"),
+            "int8": dsvl2.load(ckpt, dtype="bf16", device="cpu", quantize=quantize)}
 
 
 def summary(name: str, rows: list, steps: int) -> None:
     n = len(rows)
-    print(f"{name}: int8 vs bf16: min cosine {min(r[0] for r in rows):.5f}, cases >= 0.995: "
-          f"{sum(r[0] >= 0.995 for r in rows)}/{n}, first {steps} greedy tokens identical: {sum(r[1] for r in rows)}/{n}")
-    print(f"{name}: bf16 vs fp32: min cosine {min(r[2] for r in rows):.5f}, cases >= 0.995: "
-          f"{sum(r[2] >= 0.995 for r in rows)}/{n}, first {steps} greedy tokens identical: {sum(r[3] for r in rows)}/{n}")
+    for j, (a, b) in enumerate(PAIRS):
+        print(f"{name}: {a} vs {b}: min cosine {min(r[j][0] for r in rows):.5f}, cases >= 0.995: "
+              f"{sum(r[j][0] >= 0.995 for r in rows)}/{n}, first {steps} greedy tokens identical: "
+              f"{sum(r[j][1] for r in rows)}/{n}")
 
 
 def main() -> None:
@@ -81,30 +80,30 @@ def main() -> None:
     ap.add_argument("--golden", type=Path, default=GOLDEN)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--demo", type=int, default=60, help="held-out demo prompts for the trained demo model (0: none)")
-    ap.add_argument("--cpu-kernels", action="store_true", help="int8 decode through the opt-in C kernels")
+    ap.add_argument("--quantize", default="int8", help="the quantized mode compared (pipe 'int8')")
     a = ap.parse_args()
     torch.set_num_threads(2)
+    pipes = pipes_of(a.golden / "checkpoints" / STRUCTURES[0], a.quantize)
+    print("fast plan:", pipes["fast"].plan.describe())
     rows = []
     for structure in STRUCTURES:
-        pipes = three(a.golden / "checkpoints" / structure)
+        pipes = pipes_of(a.golden / "checkpoints" / structure, a.quantize)
         all_cases = cases(a.golden)
-        batches = [pipes["bf16"].processor(conversation(a.golden, case)) for case in all_cases]
-        rows += [(structure, case["id"], *r) for case, r in zip(all_cases, compare(pipes, batches, a.steps, a.cpu_kernels))]
-    print(f"{'structure':<16} {'case':<22} {'cos int8/bf16':>13} {'greedy8 =':>9}   "
-          f"{'cos bf16/fp32':>13} {'greedy8 =':>9}")
-    for s, c, ci, gi, cb, gb in rows:
-        print(f"{s:<16} {c:<22} {ci:13.5f} {gi!s:>9}   {cb:13.5f} {gb!s:>9}")
-    summary("golden micro (random weights)", [r[2:] for r in rows], a.steps)
+        batches = [pipes["exact"].processor(conversation(a.golden, case)) for case in all_cases]
+        rows += [(structure, case["id"], r) for case, r in zip(all_cases, compare(pipes, batches, a.steps))]
+    print(f"{'structure':<16} {'case':<22} " + " ".join(f"{'cos ' + x + '/' + y:>16} {'greedy=':>7}" for x, y in PAIRS))
+    for s, c, r in rows:
+        print(f"{s:<16} {c:<22} " + " ".join(f"{cos:16.5f} {same!s:>7}" for cos, same in r))
+    summary("golden micro (random weights)", [r for *_, r in rows], a.steps)
     if a.demo:
         from dsvl2.demo import default_model_dir
         from dsvl2.demo.build import EVAL_SEED
         from dsvl2.demo.tasks import generate as demo_samples
 
-        pipes = three(default_model_dir())
-        batches = [pipes["bf16"].processor([{"role": "user", "content": s.prompt, "images": [s.image]}])
+        pipes = pipes_of(default_model_dir(), a.quantize)
+        batches = [pipes["exact"].processor([{"role": "user", "content": s.prompt, "images": [s.image]}])
                    for s in demo_samples(a.demo // 3, EVAL_SEED + 1)]
-        summary(f"demo model (trained), {len(batches)} held-out prompts", compare(pipes, batches, a.steps,
-                                                                                  a.cpu_kernels), a.steps)
+        summary(f"demo model (trained), {len(batches)} held-out prompts", compare(pipes, batches, a.steps), a.steps)
 
 
 if __name__ == "__main__":

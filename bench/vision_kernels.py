@@ -16,6 +16,7 @@ import torch
 
 import dsvl2
 from dsvl2.model import cpu_kernels
+from dsvl2.model.plan import EXACT, Plan, apply
 
 
 def main() -> None:
@@ -26,24 +27,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    if not cpu_kernels.available():
-        ap.error("the CPU kernels are unavailable on this machine (AVX512-BF16 and a C compiler needed)")
-    model = dsvl2.load(a.model, dtype="bf16").model
+    isa, why = cpu_kernels.host_isa()
+    if isa is None:
+        ap.error(f"the CPU kernels are unavailable on this machine: {why}")
+    print(f"kernels: {isa} ({why})")
+    model = dsvl2.load(a.model, dtype="bf16", exact=True).model
+    fast = Plan(kernels=isa)
     size = model.cfg.vision_config.image_size
     tiles = torch.randn(a.tiles, 3, size, size, generator=torch.Generator().manual_seed(0)).bfloat16()
     times: dict[bool, list[float]] = {False: [], True: []}
     with torch.no_grad():
         ref = model.encode_tiles(tiles).float()
-        cpu_kernels.enable(True)
-        diff = (model.encode_tiles(tiles).float() - ref).abs()
-        cpu_kernels.enable(False)
+        diff = (apply(model, fast).encode_tiles(tiles).float() - ref).abs()
         for _ in range(a.rounds):
             for on in (False, True):
-                cpu_kernels.enable(on)
+                apply(model, fast if on else EXACT)
                 t = time.perf_counter()
                 model.encode_tiles(tiles)
                 times[on].append(time.perf_counter() - t)
-                cpu_kernels.enable(False)
     for on in (False, True):
         ms = [round(1000 * v / a.tiles) for v in times[on]]
         print(f"{'kernels' if on else 'torch':<8} ms/tile {ms} median {round(1000 * statistics.median(times[on]) / a.tiles)}")

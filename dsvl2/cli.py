@@ -43,6 +43,8 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--preset", choices=["tiny", "small", "base", "toy"], help="a built-in config instead")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--context", type=int, default=None, help="tokens of KV cache to budget (default: the context limit)")
+    parser.add_argument("--device", default=None, help="device the plan is resolved for (default: cuda if available, else cpu)")
+    parser.add_argument("--exact", action="store_true", help="show the exact plan (every op in its reference form)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -74,6 +76,7 @@ def info_main(args: argparse.Namespace) -> int:
         "params_read_per_decoded_token": counts.decode_read, "dtype": args.dtype,
         "weights_bytes": counts.total * width, "kv_cache_bytes_per_token": kv_token,
         "kv_cache_bytes_at_context": kv_token * context, "context": context,
+        "plan": _plan(args).as_dict(),
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -89,7 +92,16 @@ def info_main(args: argparse.Namespace) -> int:
           f"{human(counts.shared_experts)}, routed experts {human(counts.routed_experts)}")
     print(f"memory       weights {human(info['weights_bytes'], 'B')} in {args.dtype}; KV cache "
           f"{human(kv_token, 'B')}/token -> {human(kv_token * context, 'B')} at {context} tokens")
+    print("plan         " + "\n             ".join(info["plan"]["why"]))
     return 0
+
+
+def _plan(args: argparse.Namespace):
+    """The execution plan ``dsvl2.load`` would choose for this dtype and device here (model/plan.py)."""
+    from .model.plan import resolve
+    from .pipeline import default_device, resolve_dtype
+
+    return resolve(args.device or default_device(), resolve_dtype(args.dtype), args.exact)
 
 
 def build_parser() -> argparse.ArgumentParser:

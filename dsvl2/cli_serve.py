@@ -97,9 +97,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model folder in the Hugging Face layout (default: the shipped demo model)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weight dtype")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--cpu-kernels", action="store_true",
-                        help="decode on CPU through dsvl2's AVX512 kernels (batch 1: bf16 ~2.5x, with --quantize int8 "
-                             "~4x faster; bf16-close rather than bit-identical; compiled with gcc on first use)")
+    parser.add_argument("--exact", action="store_true",
+                        help="run every op in its reference form (the path the parity tests use) instead of the fast "
+                             "plan for this machine (SDPA attention; on CPU in bf16 dsvl2's C kernels: bf16-close)")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="int8 weight-only language model: about half the memory and the bytes read per token")
 
@@ -107,7 +107,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace) -> Pipeline:
     with load_progress() as progress:
         return load(args.model, dtype=args.dtype, device=args.device, progress=progress,
-                    cpu_kernels=args.cpu_kernels, quantize=args.quantize)
+                    exact=args.exact, quantize=args.quantize)
 
 
 def _fail(message: str) -> int:

@@ -28,6 +28,9 @@ from .generation.constraints import BoxConstraint, LogitsProcessor, box_automato
 from .generation.generate import GenerateArgs, generate
 from .generation.norepeat import NoRepeatProcessor
 from .model.ocr2 import DeepseekOCR2
+from .model.plan import Plan, plan_of
+from .model.plan import apply as apply_plan
+from .model.plan import resolve as resolve_plan
 from .model.vlm import DSVL2
 from .processing.grounding import GroundingResult, parse_grounding
 from .processing.ocr2 import OCR2Processor
@@ -97,6 +100,11 @@ class Pipeline:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.model_dir = Path(model_dir) if model_dir is not None else None
+
+    @property
+    def plan(self) -> Plan:
+        """How the model's ops run (chosen at load; ``exact=True`` for the reference path)."""
+        return plan_of(self.model)
 
     # ---- input normalisation ---------------------------------------------------------------
     def conversation(self, messages: Messages, images: Sequence[ImageLike] | None = None) -> list[dict[str, Any]]:
@@ -374,24 +382,22 @@ class TextStream:
 
 def load(model_dir: str | Path | None = None, dtype: str | torch.dtype = "bf16", device: str | None = None,
          progress: Callable[[int, int], None] | None = None, quantize: str | None = None,
-         cpu_kernels: bool = False) -> Pipeline:
+         exact: bool = False) -> Pipeline:
     """Load a model directory in the official Hugging Face layout (config, safetensors, tokenizer).
 
     ``quantize="int8"``: int8 weight-only language model (about half the memory and bytes per token).
-    ``cpu_kernels=True``: batch-1 decode on CPU (bf16, or int8 with ``quantize="int8"``) through dsvl2's
-    AVX512 kernels (``dsvl2.model.cpu_kernels``; process-wide, bf16-close rather than bit-identical); an
-    ``InputError`` says why where they cannot run.
+    The model runs the fast execution plan for this machine (``dsvl2.model.plan``: SDPA attention; on
+    CPU in bf16, dsvl2's C kernels for decode and the vision GELU, the build chosen for this CPU), which
+    is bf16-close to the reference; ``exact=True`` runs every op in its reference form (the path the
+    parity tests hold to the official numbers). ``pipe.plan`` says what was chosen and why.
     """
-    if cpu_kernels:
-        from .model import cpu_kernels as kernels
-
-        kernels.enable()
     if model_dir is None:
         from .demo import default_model_dir
 
         model_dir = default_model_dir()
     device = device or default_device()
     model = load_model(model_dir, dtype=resolve_dtype(dtype), device=device, progress=progress, quantize=quantize)
+    apply_plan(model, resolve_plan(model.device, model.dtype, exact))
     if isinstance(model, DeepseekOCR2):
         processor: Processor | OCR2Processor = OCR2Processor.from_pretrained(model_dir, model.cfg)
     else:

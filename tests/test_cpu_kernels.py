@@ -6,6 +6,9 @@ builds are exercised on any machine. Only a missing C compiler skips them."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -13,16 +16,12 @@ from torch import nn
 from dsvl2.generation.generate import GenerateArgs, generate
 from dsvl2.model import cpu_kernels, quant
 from dsvl2.model.moe import Experts
+from dsvl2.model.plan import EXACT, Plan, apply
 from toy import toy_batch, toy_model
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler to build the kernels")
-
-
-@pytest.fixture
-def kernels_on():
-    cpu_kernels.enable(True)
-    yield
-    cpu_kernels.enable(False)
+ISA = cpu_kernels.host_isa()[0]  # the build this host runs (or $DSVL2_CPU_ISA's)
+FAST = Plan(kernels=ISA) if ISA else EXACT  # the kernels only (no SDPA), so the torch side is the reference
 
 
 @needs_kernels
@@ -64,14 +63,15 @@ def test_fused_experts_equal_the_grouped_path(k, tokens):
 
 
 @needs_kernels
-def test_not_used_with_autograd(kernels_on):
+def test_not_used_with_autograd():
     x = torch.randn(1, 8).bfloat16().requires_grad_()
-    assert not cpu_kernels.usable(x)
+    assert not cpu_kernels.usable(ISA, x)
     with torch.no_grad():
-        assert cpu_kernels.usable(x.detach())
-    assert not cpu_kernels.usable(x.detach().float())
+        assert cpu_kernels.usable(ISA, x.detach())
+        assert not cpu_kernels.usable(None, x.detach())  # no build chosen: the exact plan
+    assert not cpu_kernels.usable(ISA, x.detach().float())
     with torch.no_grad():
-        assert not cpu_kernels.usable(x.detach(), torch.zeros(2, 8))  # fp32 weights (autocast): torch path
+        assert not cpu_kernels.usable(ISA, x.detach(), torch.zeros(2, 8))  # fp32 weights (autocast): torch path
 
 
 @pytest.mark.parametrize(("variant", "int8", "kernels"), [
@@ -80,18 +80,19 @@ def test_not_used_with_autograd(kernels_on):
     ("mla", True, ("gemm_int8", "moe_int8", "mla_decode")),
 ])
 @needs_kernels
-def test_greedy_generation_is_unchanged(variant, int8, kernels, kernels_on, monkeypatch):
+def test_greedy_generation_is_unchanged(variant, int8, kernels, monkeypatch):
     calls = dict.fromkeys(kernels, 0)
     for name in calls:
-        def counted(*args, _f=getattr(cpu_kernels, name), _n=name):
+        def counted(*args, _f=getattr(cpu_kernels, name), _n=name, **kw):
             calls[_n] += 1
-            return _f(*args)
+            return _f(*args, **kw)
         monkeypatch.setattr(cpu_kernels, name, counted)
     model = toy_model(variant, seed=3, dtype=torch.bfloat16)
     if int8:
         quant.quantize_model_(model)
     ids, mask, tiles, seq_mask, crop = toy_batch(model, seed=4, lengths=(20,))
     tiles = tiles.bfloat16()
+    apply(model, FAST)
 
     def tokens():
         return [s.tokens.tolist() for s in generate(model, ids, mask, tiles, seq_mask, crop,
@@ -99,7 +100,7 @@ def test_greedy_generation_is_unchanged(variant, int8, kernels, kernels_on, monk
 
     fast = tokens()
     assert all(calls.values()), calls  # batch-1 decode went through every kernel
-    cpu_kernels.enable(False)
+    apply(model, EXACT)
     assert fast == tokens()
 
 
@@ -142,7 +143,7 @@ def test_int8_gemv_sums_long_rows_without_overflow():
 
 @needs_kernels
 @pytest.mark.parametrize("tokens", [1, 2])
-def test_int8_fused_experts_equal_the_torch_path(tokens, kernels_on):
+def test_int8_fused_experts_equal_the_torch_path(tokens):
     g = torch.Generator().manual_seed(tokens)
     qe = quant.Int8Experts(8, 64, 40, torch.bfloat16, "cpu")
     for name in qe.NAMES:
@@ -155,14 +156,13 @@ def test_int8_fused_experts_equal_the_torch_path(tokens, kernels_on):
     with torch.no_grad():
         fused = cpu_kernels.moe_int8(x, (qe.gate_proj_int8, qe.gate_proj_scale), (qe.up_proj_int8, qe.up_proj_scale),
                                      (qe.down_proj_int8, qe.down_proj_scale), idx, weight)
-        cpu_kernels.enable(False)
-        plain = qe(x, idx, weight)  # one expert at a time through torch._weight_int8pack_mm
+        plain = qe(x, idx, weight)  # the exact plan (a module's default)  # one expert at a time through torch._weight_int8pack_mm
     torch.testing.assert_close(fused.float(), plain.float(), rtol=2 ** -6, atol=2e-3)
 
 
 @needs_kernels
 @pytest.mark.parametrize("int8", [False, True])
-def test_mha_decode_step_equals_the_sdpa_path(int8, kernels_on):
+def test_mha_decode_step_equals_the_sdpa_path(int8):
     from dsvl2.model.cache import make_cache
 
     model = toy_model("mha", seed=5, dtype=torch.bfloat16)
@@ -180,9 +180,10 @@ def test_mha_decode_step_equals_the_sdpa_path(int8, kernels_on):
     cos, sin = lm.rotary(torch.tensor([[37]]), torch.bfloat16)
     calls = []
     with torch.no_grad():
+        apply(model, FAST)
         fast = attn._kernel_step(x, cos, sin, None, caches[0])
         calls.append(fast is not None)
-        cpu_kernels.enable(False)
+        apply(model, EXACT)
         ref = attn.forward_expanded(x, cos, sin, None, caches[1])
     assert calls == [True] and fast.shape == ref.shape == (1, 1, cfg.hidden_size)
     torch.testing.assert_close(fast.float(), ref.float(), rtol=2 ** -6, atol=2e-3 * float(ref.abs().max()))
@@ -193,7 +194,7 @@ def test_mha_decode_step_equals_the_sdpa_path(int8, kernels_on):
 
 @needs_kernels
 @pytest.mark.parametrize("int8", [False, True])
-def test_mla_decode_step_equals_the_absorbed_path(int8, kernels_on):
+def test_mla_decode_step_equals_the_absorbed_path(int8):
     from dsvl2.model.cache import make_cache
 
     model = toy_model("mla", seed=5, dtype=torch.bfloat16)
@@ -209,8 +210,9 @@ def test_mla_decode_step_equals_the_absorbed_path(int8, kernels_on):
     x = torch.randn(1, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(9)).bfloat16()
     cos, sin = lm.rotary(torch.tensor([[37]]), torch.bfloat16)
     with torch.no_grad():
+        apply(model, FAST)
         fast = attn._kernel_step(x, cos, sin, None, caches[0])
-        cpu_kernels.enable(False)
+        apply(model, EXACT)
         ref = attn(x, cos, sin, None, caches[1])  # the reference's absorbed decode path
     assert fast is not None and fast.shape == ref.shape == (1, 1, cfg.hidden_size)
     # the reference's rounding points, sums in another order: bf16-close (equal on this case for bf16)
@@ -221,11 +223,11 @@ def test_mla_decode_step_equals_the_absorbed_path(int8, kernels_on):
 
 
 @needs_kernels
-def test_mha_decode_step_refuses_a_full_cache(kernels_on):
+def test_mha_decode_step_refuses_a_full_cache():
     from dsvl2.errors import InputError
     from dsvl2.model.cache import make_cache
 
-    model = toy_model("mha", seed=5, dtype=torch.bfloat16)
+    model = apply(toy_model("mha", seed=5, dtype=torch.bfloat16), FAST)
     lm, cfg = model.language.model, model.cfg.language_config
     cache = make_cache(cfg, 1, 8, torch.bfloat16, "cpu")
     cache.length = 8
@@ -236,7 +238,7 @@ def test_mha_decode_step_refuses_a_full_cache(kernels_on):
 
 @needs_kernels
 @pytest.mark.parametrize("int8", [False, True])
-def test_mlp_row_through_the_expert_kernel_equals_torch(int8, kernels_on):
+def test_mlp_row_through_the_expert_kernel_equals_torch(int8):
     from dsvl2.model.layers import MLP
 
     torch.manual_seed(2)
@@ -251,18 +253,16 @@ def test_mlp_row_through_the_expert_kernel_equals_torch(int8, kernels_on):
             setattr(block.mlp, name, new)
     x = torch.randn(1, 1, 96).bfloat16()
     with torch.no_grad():
-        fast = block.mlp(x)
-        cpu_kernels.enable(False)
-        ref = block.mlp(x)
+        fast = apply(block, FAST).mlp(x)
+        ref = apply(block, EXACT).mlp(x)
     assert fast.shape == ref.shape == (1, 1, 96)
     torch.testing.assert_close(fast.float(), ref.float(), rtol=2 ** -6, atol=2e-3 * float(ref.abs().max()))
     with torch.no_grad():  # two rows: the torch path, untouched
-        cpu_kernels.enable(True)
-        assert cpu_kernels.mlp(block.mlp, torch.randn(2, 96).bfloat16()) is None
+        assert cpu_kernels.mlp(apply(block, FAST).mlp, torch.randn(2, 96).bfloat16()) is None
 
 
 @needs_kernels
-def test_rmsnorm_rows_equal_torch(kernels_on):
+def test_rmsnorm_rows_equal_torch():
     from dsvl2.model.layers import RMSNorm
 
     g = torch.Generator().manual_seed(3)
@@ -270,10 +270,9 @@ def test_rmsnorm_rows_equal_torch(kernels_on):
     norm.weight.data = (torch.randn(300, generator=g) * 0.5 + 1).bfloat16()
     x = (torch.randn(3, 1, 300, generator=g) * 4).bfloat16()
     with torch.no_grad():
-        fast = norm(x)
+        fast = apply(norm, FAST)(x)
         assert cpu_kernels.rmsnorm(norm, x) is not None  # the kernel ran
-        cpu_kernels.enable(False)
-        ref = norm(x)
+        ref = apply(norm, EXACT)(x)
     # the same rounding points, the mean of squares summed in another order: equal up to rare last-bit ties
     assert (fast != ref).float().mean() < 0.01
     torch.testing.assert_close(fast.float(), ref.float(), rtol=2 ** -7, atol=0)
@@ -281,7 +280,7 @@ def test_rmsnorm_rows_equal_torch(kernels_on):
 
 @needs_kernels
 @pytest.mark.parametrize("variant", ["mla", "noaux"])
-def test_router_row_chooses_as_torch(variant, kernels_on):
+def test_router_row_chooses_as_torch(variant):
     model = toy_model(variant, seed=2, dtype=torch.bfloat16)
     gate = model.language.model.layers[1].mlp.gate
     g = torch.Generator().manual_seed(4)
@@ -290,10 +289,9 @@ def test_router_row_chooses_as_torch(variant, kernels_on):
     for _ in range(20):
         x = torch.randn(1, gate.weight.shape[1], generator=g).bfloat16()
         with torch.no_grad():
-            idx, weight, scores = cpu_kernels.router(gate, x)
-            cpu_kernels.enable(False)
-            ref_idx, ref_weight, ref_scores = gate(x)
-            cpu_kernels.enable(True)
+            idx, weight, scores = cpu_kernels.router(apply(gate, FAST), x)
+            ref_idx, ref_weight, ref_scores = apply(gate, EXACT)(x)
+            apply(gate, FAST)
         ours = dict(zip(idx[0].tolist(), weight[0].tolist()))  # slot order may differ: compare as sets
         theirs = dict(zip(ref_idx[0].tolist(), ref_weight[0].tolist()))
         assert ours.keys() == theirs.keys()
@@ -305,21 +303,23 @@ def test_router_row_chooses_as_torch(variant, kernels_on):
 def test_a_missing_compiler_is_named_in_the_error(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("DSVL2_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cpu_kernels, "_state", {"enabled": False, "isa": None, "libs": {}, "errors": {}})
+    monkeypatch.setattr(cpu_kernels, "_state", {"libs": {}, "errors": {}})
     from dsvl2.errors import InputError
+    from dsvl2.model.plan import resolve
 
     with pytest.raises(InputError, match="no C compiler .*no-such-cc.* set \\$CC"):
-        cpu_kernels.enable()
-    assert not cpu_kernels.enabled()
+        cpu_kernels.default_isa()
+    plan = resolve("cpu", torch.bfloat16)  # the fast plan still loads, without the kernels, and says why
+    assert plan.kernels is None and "no C compiler" in plan.describe()
 
 
 @needs_kernels
-def test_gelu_tanh_is_correctly_rounded_and_matches_torch_where_torch_is(kernels_on):
+def test_gelu_tanh_is_correctly_rounded_and_matches_torch_where_torch_is():
     x = torch.cat([torch.randn(50_000, generator=torch.Generator().manual_seed(0)) * 3,
                    torch.linspace(-12, 12, 20_001), torch.tensor([0.0, -0.0, 50.0, -50.0, 1e4, -1e4])]).bfloat16()
     xd = x.double()
     truth = xd * torch.sigmoid(2 * (2 / torch.pi) ** 0.5 * (xd + 0.044715 * xd ** 3))  # = 0.5 x (1 + tanh u)
-    y = cpu_kernels.gelu_tanh(x.clone())
+    y = cpu_kernels.gelu_tanh(x.clone(), ISA)
     normal = truth.abs() > 1e-30
     step = torch.pow(2.0, torch.frexp(truth[normal])[1].double() - 8)  # one bf16 step at the true value
     assert ((y.double()[normal] - truth[normal]).abs() / step).max() <= 0.5 + 1e-3  # rounded once, to nearest
@@ -327,7 +327,8 @@ def test_gelu_tanh_is_correctly_rounded_and_matches_torch_where_torch_is(kernels
     torch_y = torch.nn.functional.gelu(x, approximate="tanh")
     # torch's tanh form cancels for x < -3 (up to hundreds of bf16 steps off); elsewhere the two agree
     assert (y == torch_y)[x >= -3].float().mean() > 0.995
-    assert cpu_kernels.gelu_tanh(x.float()) is None and cpu_kernels.gelu_tanh(x[::2]) is None  # fp32, strided
+    assert cpu_kernels.gelu_tanh(x.float(), ISA) is None and cpu_kernels.gelu_tanh(x[::2], ISA) is None  # fp32, strided
+    assert cpu_kernels.gelu_tanh(x.clone(), None) is None  # the exact plan
 
 
 @needs_kernels
@@ -343,12 +344,8 @@ def test_vision_tower_with_the_gelu_kernel_stays_bf16_close(monkeypatch):
     with torch.no_grad():
         ref = tower(tiles).float()
         calls = []
-        monkeypatch.setattr(cpu_kernels, "gelu_tanh", lambda h, f=cpu_kernels.gelu_tanh: calls.append(1) or f(h))
-        cpu_kernels.enable(True)
-        try:
-            out = tower(tiles).float()
-        finally:
-            cpu_kernels.enable(False)
+        monkeypatch.setattr(cpu_kernels, "gelu_tanh", lambda h, isa, f=cpu_kernels.gelu_tanh: calls.append(1) or f(h, isa))
+        out = apply(tower, FAST)(tiles).float()
     assert len(calls) == 2  # one per block
     torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
     assert (out - ref).abs().mean() < 0.01
@@ -356,7 +353,6 @@ def test_vision_tower_with_the_gelu_kernel_stays_bf16_close(monkeypatch):
 
 @needs_kernels
 def test_the_build_is_the_best_the_cpu_runs_unless_forced(monkeypatch):
-    from pathlib import Path
 
     isas = cpu_kernels.cpu_isas()
     assert isas[-1] == "generic" and set(isas) <= set(cpu_kernels.ISAS)
@@ -372,3 +368,53 @@ def test_the_build_is_the_best_the_cpu_runs_unless_forced(monkeypatch):
     monkeypatch.setenv(cpu_kernels.ISA_ENV, "sse9")
     isa, why = cpu_kernels.host_isa()
     assert isa is None and "'sse9' is not one of" in why
+
+
+@needs_kernels
+def test_two_models_with_different_plans_do_not_interfere(monkeypatch):
+    """Plans live on each model's modules: generating with a kernel-plan model and an exact one in lock-step
+    changes neither (the exact one's logits bit for bit)."""
+    fast_model = apply(toy_model("mla", seed=3, dtype=torch.bfloat16), FAST)
+    exact_model = toy_model("mla", seed=3, dtype=torch.bfloat16)  # same weights, the default (exact) plan
+    inputs = toy_batch(fast_model, seed=4, lengths=(20,))
+    inputs = (*inputs[:2], inputs[2].bfloat16(), *inputs[3:])
+
+    def steps(model):
+        return generate(model, *inputs, GenerateArgs(max_new_tokens=6), 1, return_logits=True)
+
+    alone = {id(m): [s.logits for s in steps(m)] for m in (fast_model, exact_model)}
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "moe", lambda *a, f=cpu_kernels.moe, **k: calls.append(1) or f(*a, **k))
+    together = list(zip(steps(fast_model), steps(exact_model)))
+    assert calls  # the fast model's experts went through the kernel
+    for i, (f, e) in enumerate(together):
+        assert torch.equal(e.logits, alone[id(exact_model)][i])
+        assert torch.equal(f.logits, alone[id(fast_model)][i])
+    assert not torch.equal(alone[id(fast_model)][1], alone[id(exact_model)][1])  # the plans did differ
+
+
+ARM_TOOLS = ("aarch64-linux-gnu-gcc", "qemu-aarch64")
+
+
+@pytest.mark.skipif(not all(shutil.which(t) for t in ARM_TOOLS) or not shutil.which("gcc"),
+                    reason="no arm64 cross compiler and qemu-user (Debian: gcc-aarch64-linux-gnu qemu-user)")
+def test_the_generic_build_on_arm64_computes_what_the_host_builds_do(tmp_path):
+    """The plain-C build compiles for arm64 and, run under qemu, gives the host's outputs (which the tests
+    above hold to torch) on GEMV, int8 GEMV, GELU, RMSNorm and the fused experts."""
+    import os
+    import subprocess
+
+    driver = Path(__file__).with_name("csrc") / "kernels_driver.c"
+    outputs = {}
+    for name, cc, run in (("host", "gcc", []),
+                          ("arm64", "aarch64-linux-gnu-gcc", ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"])):
+        exe = tmp_path / name
+        subprocess.run([cc, "-O3", "-fopenmp", str(driver), str(cpu_kernels.SOURCE), "-o", str(exe), "-lm"],
+                       check=True, capture_output=True)
+        text = subprocess.run([*run, str(exe)], check=True, capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout
+        outputs[name] = [ln.split() for ln in text.splitlines()[1:]]
+    host, arm = outputs["host"], outputs["arm64"]
+    assert len(host) == len(arm) > 3000 and [k for k, _ in host] == [k for k, _ in arm]
+    for (kernel, a), (_, b) in zip(host, arm):  # fp32 sums in other orders, rounded to bf16: within one step
+        assert abs(float(a) - float(b)) <= 2 ** -7 * max(abs(float(a)), 1e-3), kernel

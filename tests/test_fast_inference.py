@@ -164,13 +164,15 @@ def test_compiled_decode_matches_eager():
                             GenerateArgs(max_new_tokens=5, compile=True))
 
 
-def _assert_same_generation(model, inputs, args_a, args_b):
-    """Greedy generation under ``args_a`` and ``args_b``: same tokens, logits within fp32 noise."""
+def _assert_same_generation(model, inputs, args_a, args_b, plans=None):
+    """Greedy generation under ``args_a`` and ``args_b`` (and ``plans``, default exact): same tokens,
+    logits within fp32 noise."""
     from dsvl2.generation.generate import generate
+    from dsvl2.model.plan import EXACT, apply
 
     runs = []
-    for args in (args_a, args_b):
-        steps = generate(model, *inputs, args, eos_token_id=1, return_logits=True)
+    for args, plan in zip((args_a, args_b), plans or (EXACT, EXACT)):
+        steps = generate(apply(model, plan), *inputs, args, eos_token_id=1, return_logits=True)
         runs.append([(s.tokens, s.logits) for s in steps])
     for (ta, la), (tb, lb) in zip(*runs):
         assert torch.equal(ta, tb)
@@ -206,15 +208,16 @@ def test_decode_attention_fp32_route_is_bit_identical(variant, monkeypatch):
 
 @pytest.mark.parametrize("variant", ["mha", "mla", "noaux"])
 def test_fused_attention_decode_equals_reference_form(variant):
-    """GenerateArgs(fused_attention=True): SDPA prefill and decode give the reference logits (fp32)."""
+    """A plan with fused_attention: SDPA prefill and decode give the reference logits (fp32)."""
     from toy import toy_batch, toy_model
 
     from dsvl2.generation.generate import GenerateArgs
+    from dsvl2.model.plan import EXACT, Plan
 
     model = toy_model(variant, seed=5)
     inputs = toy_batch(model, seed=6, lengths=(14, 25))  # ids, mask, tiles, seq_mask, crop
-    _assert_same_generation(model, inputs, GenerateArgs(max_new_tokens=4),
-                            GenerateArgs(max_new_tokens=4, fused_attention=True))
+    args = GenerateArgs(max_new_tokens=4)
+    _assert_same_generation(model, inputs, args, args, plans=(EXACT, Plan(fused_attention=True)))
 
 
 @pytest.mark.parametrize("batch", [1, 3])

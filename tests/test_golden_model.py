@@ -34,12 +34,12 @@ GROSS_ULPS = 48
 
 @pytest.fixture(scope="module", params=STRUCTURES)
 def fp32_pipe(request, golden_dir):
-    return request.param, dsvl2.load(golden_dir / "checkpoints" / request.param, dtype="fp32", device="cpu")
+    return request.param, dsvl2.load(golden_dir / "checkpoints" / request.param, dtype="fp32", device="cpu", exact=True)
 
 
 @pytest.fixture(scope="module", params=STRUCTURES)
 def bf16_pipe(request, golden_dir):
-    return request.param, dsvl2.load(golden_dir / "checkpoints" / request.param, dtype="bf16", device="cpu")
+    return request.param, dsvl2.load(golden_dir / "checkpoints" / request.param, dtype="bf16", device="cpu", exact=True)
 
 
 def _case_ids(golden):

@@ -11,6 +11,7 @@ import torch
 
 from dsvl2.generation.generate import GenerateArgs, decode_one_token, generate, prefill
 from dsvl2.model.cache import make_cache
+from dsvl2.model.plan import EXACT, Plan, apply
 from toy import toy_batch, toy_model
 
 VARIANTS = ("mla", "mha", "noaux")
@@ -67,8 +68,9 @@ def test_expanded_mla_equals_absorbed_whole_model():
     # and an expanded prefill followed by absorbed decode gives the same tokens as all-absorbed
     args = dict(max_new_tokens=6)
     a = [s.tokens.tolist() for s in generate(model, ids, mask, tiles, seq_mask, crop, GenerateArgs(**args), 1)]
-    e = [s.tokens.tolist() for s in generate(model, ids, mask, tiles, seq_mask, crop,
-                                             GenerateArgs(expanded_prefill=True, **args), 1)]
+    apply(model, Plan(fused_attention=True))  # expanded prefill; decode stays absorbed (MLA's one-token rule)
+    e = [s.tokens.tolist() for s in generate(model, ids, mask, tiles, seq_mask, crop, GenerateArgs(**args), 1)]
+    apply(model, EXACT)
     assert a == e
 
 

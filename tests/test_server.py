@@ -155,7 +155,10 @@ def valid(**extra: Any) -> dict[str, Any]:
 
 # ---- routes ----------------------------------------------------------------------------------------
 def test_health_models_and_page(server: str) -> None:
-    assert httpx.get(server + "/health").json()["status"] == "ok"
+    health = httpx.get(server + "/health").json()
+    assert health["status"] == "ok"
+    assert health["plan"]["exact"] is False and health["plan"]["fused_attention"] is True  # fast by default
+    assert any(line.startswith("kernels: none") for line in health["plan"]["why"])  # an fp32 model: torch only
     models = httpx.get(server + "/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["micro-mha"]
     assert models["data"][0]["max_model_len"] == 1024

@@ -4,7 +4,9 @@
 by chunk and stays on the device) and returns the last position's logits; ``decode_one_token`` feeds
 one token per row. ``generate`` yields one token tensor per step; text, stop strings and streaming
 live in ``dsvl2.pipeline`` so this module works on ids only. Positions come from the attention mask
-(``cumsum - 1``), so left-padded batches give each row the positions it would have alone.
+(``cumsum - 1``), so left-padded batches give each row the positions it would have alone. Which form
+each op takes (SDPA attention, dsvl2's CPU kernels) is the model's execution plan
+(``dsvl2.model.plan``), chosen at load; nothing here switches it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from ..errors import InputError
 from ..model.cache import KVCache, LatentCache, make_cache
 from ..model.llm import causal_mask
-from ..model.quant import linear
+from ..model.plan import plan_of
 from ..model.vlm import DSVL2, positions_from_mask
 from .constraints import LogitsProcessor, apply_processors
 from .norepeat import NoRepeatNGram
@@ -34,9 +36,7 @@ class GenerateArgs:
     repetition_penalty: float = 1.0
     seed: int | None = None
     chunk_size: int | None = None  # prefill chunk length; None = one shot
-    expanded_prefill: bool = False  # decompressed-MLA prefill (faster on long prompts; bf16-close)
     compile: bool = False  # decode through torch.compile (opt-in: bf16-close, not bit-identical)
-    fused_attention: bool = False  # SDPA kernels in prefill and decode (faster, bf16-close; implies expanded)
     constrain_boxes: bool = False  # <|det|> spans follow the box grammar (generation.constraints; built in pipeline)
     ordered_boxes: bool = False  # ... and x1 <= x2, y1 <= y2 in every box (generation.box_order; implies constrain)
     # DeepSeek-OCR's no-repeat rule (generation/norepeat.py, built in pipeline): 0 = off; OCR pipelines: 20 / 90.
@@ -63,8 +63,12 @@ class GenerateArgs:
 
 @torch.no_grad()
 def prefill(model: DSVL2, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-            cache: LatentCache | KVCache, chunk_size: int | None = None, expanded: bool = False) -> torch.Tensor:
-    """Run the prompt through the LM, filling ``cache``; return last-position logits (B, V) fp32."""
+            cache: LatentCache | KVCache, chunk_size: int | None = None, expanded: bool | None = None) -> torch.Tensor:
+    """Run the prompt through the LM, filling ``cache``; return last-position logits (B, V) fp32.
+
+    ``expanded``: attention through SDPA / decompressed MLA; None (default) = the model plan's ``fused_attention``.
+    """
+    expanded = plan_of(model).fused_attention if expanded is None else expanded
     t = inputs_embeds.shape[1]
     positions = positions_from_mask(attention_mask)
     step = chunk_size or t
@@ -87,20 +91,23 @@ def prefill_chunk(model: DSVL2, inputs_embeds: torch.Tensor, attention_mask: tor
 
 @torch.no_grad()
 def decode_one_token(model: DSVL2, tokens: torch.Tensor, attention_mask: torch.Tensor,
-                     cache: LatentCache | KVCache, fused: bool = False, padded: bool | None = None) -> torch.Tensor:
+                     cache: LatentCache | KVCache, fused: bool | None = None, padded: bool | None = None) -> torch.Tensor:
     """tokens (B,) at the next position; ``attention_mask`` (B, past+1) already includes them.
 
-    ``fused``: attention through SDPA (``forward_expanded``), bf16-close instead of the reference's rounding.
+    ``fused``: attention through SDPA (``forward_expanded``), bf16-close instead of the reference's
+    rounding; None (default) = the model plan's ``fused_attention``.
     ``padded``: whether any row has padding (None: read from the mask, a host sync per step); the
     generation loop decides it once, which also keeps the compiled step free of graph breaks.
     """
+    plan = plan_of(model)
+    fused = plan.fused_attention if fused is None else fused
     embeds = model.language.model.embed_tokens(tokens[:, None])  # (B, 1, D)
     positions = attention_mask.long().sum(-1, keepdim=True) - 1  # (B, 1)
     mask = causal_mask(attention_mask, cache.length, 1, embeds.dtype, padded)
     hidden = model.language.model(embeds, positions, mask, cache, fused)
     # = model.language.logits(hidden): lm_head in the weights' dtype, then fp32; its largest GEMV
     # through the single-row kernel when the batch is one row.
-    return linear(hidden, model.language.lm_head).float()[:, -1]
+    return model.language.logits(hidden)[:, -1]  # lm_head in the weights' dtype (one GEMV at batch 1), fp32
 
 
 @functools.cache
@@ -157,8 +164,7 @@ def generate(model: DSVL2, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if params.repetition_penalty != 1.0:
         seen = torch.zeros(b, cfg.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, input_ids.to(device).masked_fill(~attention_mask, 0), attention_mask)
-    logits = prefill(model, embeds, attention_mask, cache, args.chunk_size,
-                     args.expanded_prefill or args.fused_attention)
+    logits = prefill(model, embeds, attention_mask, cache, args.chunk_size)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     step = compiled_decode_one_token() if args.compile else decode_one_token
     padded = not bool(attention_mask.all())  # decode appends only real tokens: fixed for the whole loop
@@ -175,4 +181,4 @@ def generate(model: DSVL2, input_ids: torch.Tensor, attention_mask: torch.Tensor
         if seen is not None:
             seen.scatter_(1, token[:, None], True)
         attention_mask = torch.cat([attention_mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
-        logits = step(model, token, attention_mask, cache, args.fused_attention, padded)
+        logits = step(model, token, attention_mask, cache, None, padded)

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import LanguageConfig
 from . import cpu_kernels
+from .plan import EXACT, Plan
 from .cache import KVCache, LatentCache
 from .layers import RMSNorm, apply_rope, apply_rope_interleaved
 from .quant import linear
@@ -68,6 +69,8 @@ def mask_rows(mask: torch.Tensor, rows: slice) -> torch.Tensor:
 
 
 class MHA(nn.Module):
+    plan: Plan = EXACT  # set per model by plan.apply
+
     def __init__(self, cfg: LanguageConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -83,9 +86,9 @@ class MHA(nn.Module):
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None):
         """Post-RoPE q (B, H, S, D) and the keys/values attended over (cache included), (B, H, T, D)."""
         b, s, _ = x.shape
-        q = linear(x, self.q_proj).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
-        k = linear(x, self.k_proj).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        v = linear(x, self.v_proj).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        q = linear(x, self.q_proj, self.plan).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
+        k = linear(x, self.k_proj, self.plan).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        v = linear(x, self.v_proj, self.plan).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, H, T, D)
@@ -98,7 +101,7 @@ class MHA(nn.Module):
         Attention is computed as SDPA computes it (fp32 scores and softmax), so under the kernels both
         forms agree with ``forward_expanded``: bf16-close, like the rest of the kernels.
         """
-        if cache is None or mask is not None or not cpu_kernels.enabled():
+        if cache is None or mask is not None or not self.plan.kernels:
             return None
         return cpu_kernels.mha_decode(self, x, cos, sin, cache)
 
@@ -118,7 +121,7 @@ class MHA(nn.Module):
             return cache_matmul(probs, v)  # (B, H, s, D)
 
         o = by_query_blocks(attend, q)  # (B, H, S, D)
-        return linear(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim), self.o_proj)
+        return linear(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim), self.o_proj, self.plan)
 
     def forward_expanded(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                          cache: KVCache | None = None) -> torch.Tensor:
@@ -133,10 +136,12 @@ class MHA(nn.Module):
         b, s, _ = x.shape
         q, k, v = self._project(x, cos, sin, cache)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1 / self.scale_div)  # (B, H, S, D)
-        return linear(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim), self.o_proj)
+        return linear(o.transpose(1, 2).reshape(b, s, self.heads * self.head_dim), self.o_proj, self.plan)
 
 
 class MLA(nn.Module):
+    plan: Plan = EXACT  # set per model by plan.apply
+
     def __init__(self, cfg: LanguageConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -155,9 +160,9 @@ class MLA(nn.Module):
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         b, s, _ = x.shape
-        q = linear(x, self.q_proj).view(b, s, self.heads, self.nope + self.rope).transpose(1, 2)  # (B, H, S, 192)
+        q = linear(x, self.q_proj, self.plan).view(b, s, self.heads, self.nope + self.rope).transpose(1, 2)  # (B, H, S, 192)
         q_nope, q_pe = torch.split(q, [self.nope, self.rope], dim=-1)
-        a = linear(x, self.kv_a_proj_with_mqa)  # (B, S, r + rope)
+        a = linear(x, self.kv_a_proj_with_mqa, self.plan)  # (B, S, r + rope)
         latent, k_pe = torch.split(a, [self.rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)  # (B, S, r)
         k_pe = k_pe.view(b, s, 1, self.rope).transpose(1, 2)  # (B, 1, S, rope)
@@ -172,7 +177,7 @@ class MLA(nn.Module):
         The kernel follows this absorbed form's rounding points (bf16-close: its sums run in another
         order); under the kernels ``forward_expanded`` takes it too, like MHA's.
         """
-        if cache is None or mask is not None or not cpu_kernels.enabled():
+        if cache is None or mask is not None or not self.plan.kernels:
             return None
         return cpu_kernels.mla_decode(self, x, cos, sin, cache)
 
@@ -206,7 +211,7 @@ class MLA(nn.Module):
 
             o_lat = by_query_blocks(attend, q_lat)  # (B, H, S, r)
         o = torch.matmul(o_lat, w_uv.mT)  # (B, H, S, v)
-        return linear(o.transpose(1, 2).reshape(b, s, self.heads * self.v_dim), self.o_proj)
+        return linear(o.transpose(1, 2).reshape(b, s, self.heads * self.v_dim), self.o_proj, self.plan)
 
     def _attend_latents_fp32(self, q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                              k_pe: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -250,4 +255,4 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(b, self.heads, t, self.rope)], dim=-1)  # (B, H, T, 192)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, H, S, 192)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, H, S, v)
-        return linear(o.transpose(1, 2).reshape(b, s, self.heads * self.v_dim), self.o_proj)
+        return linear(o.transpose(1, 2).reshape(b, s, self.heads * self.v_dim), self.o_proj, self.plan)

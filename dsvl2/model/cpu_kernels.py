@@ -51,7 +51,7 @@ ISA_FLAGS = {
 ISA_ENV = "DSVL2_CPU_ISA"
 MOE_MAX_TOKENS = 8  # rows per kernel call (decode batches); an expert or weight row is read once for all of them
 
-_state: dict[str, Any] = {"enabled": False, "isa": None, "libs": {}, "errors": {}}
+_state: dict[str, Any] = {"libs": {}, "errors": {}}
 
 
 def _cache_dir() -> Path:
@@ -150,57 +150,55 @@ def host_isa() -> tuple[str | None, str]:
         return None, str(e)
 
 
-def _lib() -> ctypes.CDLL | None:
-    if _state["isa"] is None and "host" not in _state["errors"]:
-        isa, why = host_isa()
-        if isa is None:
-            _state["errors"]["host"] = why
-        _state["isa"] = isa
-    return _state["libs"].get(_state["isa"])
+def load(isa: str) -> ctypes.CDLL:
+    """The ``isa`` build, compiled on first use; ``InputError`` saying why where it cannot run."""
+    try:
+        return _load(isa)
+    except OSError as e:
+        raise InputError(f"CPU kernels ({isa}) unavailable: {e}") from None
+
+
+def default_isa() -> str:
+    """The build :func:`host_isa` picks (``InputError`` where none can run): for calls without a plan."""
+    isa, why = host_isa()
+    if isa is None:
+        raise InputError(f"CPU kernels unavailable: {why}")
+    return isa
 
 
 def available() -> bool:
-    """Whether the kernels can run here (compiles them on the first call)."""
-    return _lib() is not None
+    """Whether a build of the kernels can run here (compiles it on the first call)."""
+    return host_isa()[0] is not None
 
 
-def enable(on: bool = True) -> None:
-    """Route bf16 CPU decode through the kernels (process-wide, like ``torch.backends`` flags)."""
-    if on and not available():
-        raise InputError(f"CPU kernels unavailable: {_state['errors'].get('host')}")
-    _state["enabled"] = on
-
-
-def enabled() -> bool:
-    return bool(_state["enabled"])
-
-
-def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether activations ``x`` with ``weights`` take the kernels: enabled, all bf16 on CPU, no autograd."""
-    return (bool(_state["enabled"]) and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (x, *weights))
+def usable(isa: str | None, x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether activations ``x`` with ``weights`` take the ``isa`` kernels: a build chosen (a plan's
+    ``kernels``), all bf16 on CPU, no autograd."""
+    return (isa is not None and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (x, *weights))
             and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))))
 
 
-def usable_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
+def usable_int8(isa: str | None, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether bf16 activations ``x`` with int8 weights ``q`` and bf16 ``scale`` take the int8 kernels."""
-    return usable(x, scale) and q.dtype == torch.int8 and q.device.type == "cpu"
+    return usable(isa, x, scale) and q.dtype == torch.int8 and q.device.type == "cpu"
 
 
-def gemv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """weight (O, I) bf16 with unit column stride, x (I,) bf16 -> (O,) bf16."""
-    lib = _lib()
+def gemv(weight: torch.Tensor, x: torch.Tensor, isa: str | None = None) -> torch.Tensor:
+    """weight (O, I) bf16 with unit column stride, x (I,) bf16 -> (O,) bf16 (``isa``: the build, default
+    the host's)."""
+    lib = load(isa or default_isa())
     o, i = weight.shape
     assert weight.stride(1) == 1 and x.numel() == i, (weight.shape, weight.stride(), x.shape)
     x = x.contiguous()
     y = torch.empty(o, dtype=torch.bfloat16)
-    lib.dsvl2_gemv_bf16(weight.data_ptr(), o, i, weight.stride(0), x.data_ptr(), y.data_ptr())  # type: ignore[union-attr]
+    lib.dsvl2_gemv_bf16(weight.data_ptr(), o, i, weight.stride(0), x.data_ptr(), y.data_ptr())
     return y
 
 
 def moe(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,
-        weight: torch.Tensor) -> torch.Tensor:
+        weight: torch.Tensor, isa: str | None = None) -> torch.Tensor:
     """Routed experts for x (T, D) bf16: gate/up (E, I, D), down (E, D, I), idx (T, K), weight (T, K) fp32."""
-    lib = _lib()
+    lib = load(isa or default_isa())
     t, d = x.shape
     i = gate.shape[1]
     k = idx.shape[1]
@@ -210,24 +208,25 @@ def moe(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tenso
     h = torch.empty(t * k * i, dtype=torch.bfloat16)
     y = torch.empty(t * k * d, dtype=torch.float32)
     out = torch.empty(t, d, dtype=torch.bfloat16)
-    lib.dsvl2_moe_bf16(x.data_ptr(), t, d, gate.data_ptr(), up.data_ptr(), down.data_ptr(), i,  # type: ignore[union-attr]
+    lib.dsvl2_moe_bf16(x.data_ptr(), t, d, gate.data_ptr(), up.data_ptr(), down.data_ptr(), i,
                        idx.data_ptr(), weight.data_ptr(), k, h.data_ptr(), y.data_ptr(), out.data_ptr())
     return out
 
 
-def gemm_int8(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def gemm_int8(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, isa: str | None = None) -> torch.Tensor:
     """x (T, I) bf16 rows (decode batches: T <= MOE_MAX_TOKENS), q (O, I) int8, scale (O,) bf16 -> (T, O) bf16."""
     o, i = q.shape
     t = x.shape[0]
     assert q.stride(1) == 1 and x.shape[1] == i and scale.numel() == o, (q.shape, q.stride(), x.shape, scale.shape)
     y = torch.empty(t, o, dtype=torch.bfloat16)
-    _lib().dsvl2_gemm_int8(q.data_ptr(), o, i, q.stride(0), scale.contiguous().data_ptr(),  # type: ignore[union-attr]
+    load(isa or default_isa()).dsvl2_gemm_int8(q.data_ptr(), o, i, q.stride(0), scale.contiguous().data_ptr(),
                            x.contiguous().data_ptr(), t, y.data_ptr())
     return y
 
 
 def moe_int8(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tensor, torch.Tensor],
-             down: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+             down: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, weight: torch.Tensor,
+             isa: str | None = None) -> torch.Tensor:
     """:func:`moe` with int8 experts: each projection a pair (q (E, O, I) int8, scale (E, O) bf16)."""
     t, d = x.shape
     i = gate[0].shape[1]
@@ -239,7 +238,7 @@ def moe_int8(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor], up: tuple
     h = torch.empty(t * k * i, dtype=torch.float32)
     y = torch.empty(t * k * d, dtype=torch.float32)
     out = torch.empty(t, d, dtype=torch.bfloat16)
-    _lib().dsvl2_moe_int8(x.data_ptr(), t, d, gq.data_ptr(), gs.data_ptr(), uq.data_ptr(),  # type: ignore[union-attr]
+    load(isa or default_isa()).dsvl2_moe_int8(x.data_ptr(), t, d, gq.data_ptr(), gs.data_ptr(), uq.data_ptr(),
                           us.data_ptr(), dq.data_ptr(), ds.data_ptr(), i, idx.data_ptr(), weight.data_ptr(), k,
                           h.data_ptr(), y.data_ptr(), out.data_ptr())
     return out
@@ -276,8 +275,9 @@ def mha_decode(attention: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, s
     """One batch-1 decode step of plain multi-head attention in one call, or None where the kernels do not
     apply: projections, RoPE, the cache write at ``cache.length``, attention over positions 0..length,
     output projection. ``cache`` is the model's ``KVCache``; x (1, 1, D) -> (1, 1, D) bf16."""
+    isa = attention.plan.kernels
     k_buf, v_buf = cache.k[attention.layer], cache.v[attention.layer]  # (1, H, max_len, hd)
-    if not (usable(x, k_buf, cos) and x.shape[:2] == (1, 1) and k_buf.shape[0] == 1 and k_buf.is_contiguous()
+    if not (usable(isa, x, k_buf, cos) and x.shape[:2] == (1, 1) and k_buf.shape[0] == 1 and k_buf.is_contiguous()
             and attention.head_dim <= 256):
         return None
     ptrs = _weights(attention, ("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -288,7 +288,7 @@ def mha_decode(attention: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, s
     _, h, max_len, hd = k_buf.shape
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
     out = torch.empty(1, 1, d, dtype=torch.bfloat16)
-    _lib().dsvl2_mha_decode(x.data_ptr(), d, h, hd, *ptrs, cos.data_ptr(), sin.data_ptr(),  # type: ignore[union-attr]
+    load(isa).dsvl2_mha_decode(x.data_ptr(), d, h, hd, *ptrs, cos.data_ptr(), sin.data_ptr(),
                             k_buf.data_ptr(), v_buf.data_ptr(), max_len, cache.length, float(attention.scale_div),
                             out.data_ptr())
     return out
@@ -301,16 +301,17 @@ def mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """A SwiGLU MLP (``gate_proj``, ``up_proj``, ``down_proj``) on one row ``x`` (..., D) as one kernel call,
     or None where the kernels do not apply. It is the fused-experts kernel with one expert of weight 1,
     whose rounding points are the MLP's (each projection, SiLU and the product rounded to bf16)."""
-    if x.numel() != x.shape[-1] or not usable(x):
+    isa = module.plan.kernels
+    if x.numel() != x.shape[-1] or not usable(isa, x):
         return None
     weights = [_weight(getattr(module, n)) for n in ("gate_proj", "up_proj", "down_proj")]
     if any(w is None for w in weights):
         return None
     row = x.reshape(1, -1)
     if all(s is None for _, s in weights):
-        out = moe(row, *(w[None] for w, _ in weights), *_ONE_SLOT)
+        out = moe(row, *(w[None] for w, _ in weights), *_ONE_SLOT, isa=isa)
     elif all(s is not None for _, s in weights):
-        out = moe_int8(row, *((w[None], s[None]) for w, s in weights), *_ONE_SLOT)  # type: ignore[index]
+        out = moe_int8(row, *((w[None], s[None]) for w, s in weights), *_ONE_SLOT, isa=isa)  # type: ignore[index]
     else:
         return None
     return out.view(x.shape)
@@ -322,8 +323,9 @@ def mla_decode(attention: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, s
     apply: projections, latent norm, RoPE, the cache write at ``cache.length``, attention over the latents,
     output projection. ``cache`` is the model's ``LatentCache``; x (1, 1, D) -> (1, 1, D) bf16."""
     latent, rope_key = cache.latent[attention.layer], cache.rope_key[attention.layer]  # (1, max_len, r / rope)
+    isa = attention.plan.kernels
     kvb, norm = attention.kv_b_proj.weight, attention.kv_a_layernorm
-    if not (usable(x, latent, cos, kvb, norm.weight) and x.shape[:2] == (1, 1) and latent.shape[0] == 1
+    if not (usable(isa, x, latent, cos, kvb, norm.weight) and x.shape[:2] == (1, 1) and latent.shape[0] == 1
             and latent.is_contiguous() and type(attention.kv_b_proj) is torch.nn.Linear and kvb.is_contiguous()
             and attention.rope <= 256):
         return None
@@ -334,7 +336,7 @@ def mla_decode(attention: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, s
     d = x.shape[-1]
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
     out = torch.empty(1, 1, d, dtype=torch.bfloat16)
-    _lib().dsvl2_mla_decode(x.data_ptr(), d, attention.heads, attention.nope, attention.rope,  # type: ignore[union-attr]
+    load(isa).dsvl2_mla_decode(x.data_ptr(), d, attention.heads, attention.nope, attention.rope,
                             attention.v_dim, attention.rank, *ptrs[:4], norm.weight.data_ptr(), float(norm.eps),
                             kvb.data_ptr(), *ptrs[4:], cos.data_ptr(), sin.data_ptr(), latent.data_ptr(),
                             rope_key.data_ptr(), cache.length, float(attention.scale), out.data_ptr())
@@ -345,11 +347,12 @@ def rmsnorm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """:class:`~dsvl2.model.layers.RMSNorm` of up to ``MOE_MAX_TOKENS`` bf16 rows in one call, or None."""
     n = x.shape[-1]
     rows = x.numel() // n if n else 0
-    if not (0 < rows <= MOE_MAX_TOKENS and usable(x, norm.weight) and norm.weight.is_contiguous()):
+    isa = norm.plan.kernels
+    if not (0 < rows <= MOE_MAX_TOKENS and usable(isa, x, norm.weight) and norm.weight.is_contiguous()):
         return None
     x = x.contiguous()
     y = torch.empty_like(x)
-    _lib().dsvl2_rmsnorm_bf16(x.data_ptr(), rows, n, norm.weight.data_ptr(), float(norm.eps), y.data_ptr())  # type: ignore[union-attr]
+    load(isa).dsvl2_rmsnorm_bf16(x.data_ptr(), rows, n, norm.weight.data_ptr(), float(norm.eps), y.data_ptr())
     return y
 
 
@@ -357,7 +360,8 @@ def router(gate: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     """:class:`~dsvl2.model.moe.Router` for one bf16 row ``x`` (1, D) in one call: (idx (1, K) int64,
     weight (1, K) fp32, scores (1, E) fp32), the top K in descending order; None where it does not apply
     (several rows, grouped routing)."""
-    if x.shape[0] != 1 or gate.n_group != 1 or not usable(x, gate.weight) or not gate.weight.is_contiguous():
+    isa = gate.plan.kernels
+    if x.shape[0] != 1 or gate.n_group != 1 or not usable(isa, x, gate.weight) or not gate.weight.is_contiguous():
         return None
     e, d = gate.weight.shape
     k = gate.top_k
@@ -366,19 +370,19 @@ def router(gate: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     idx = torch.empty(1, k, dtype=torch.int64)
     weight = torch.empty(1, k, dtype=torch.float32)
     scores = torch.empty(1, e, dtype=torch.float32)
-    _lib().dsvl2_router(x.data_ptr(), d, gate.weight.data_ptr(), e, k, int(gate.noaux),  # type: ignore[union-attr]
+    load(isa).dsvl2_router(x.data_ptr(), d, gate.weight.data_ptr(), e, k, int(gate.noaux),
                         None if bias is None else bias.data_ptr(), int(gate.norm_topk_prob), float(gate.scaling),
                         idx.data_ptr(), weight.data_ptr(), scores.data_ptr())
     return idx, weight, scores
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor | None:
+def gelu_tanh(x: torch.Tensor, isa: str | None) -> torch.Tensor | None:
     """``F.gelu(x, approximate="tanh")`` of a contiguous bf16 tensor, in place (the ViT's MLP hidden), or None.
 
     Correctly rounded to bf16 (tested against fp64) and equal to torch's result except where torch's tanh
     form cancels (x < -3), where torch is the less accurate one. torch's bf16 tanh-GELU runs at ~2 ns a
     value on this CPU, 4.5x its erf GELU: 11 % of the vision tower's time in a profile."""
-    if not (usable(x) and x.is_contiguous()):
+    if not (usable(isa, x) and x.is_contiguous()):
         return None
-    _lib().dsvl2_gelu_tanh_bf16(x.data_ptr(), x.numel(), x.data_ptr())  # type: ignore[union-attr]
+    load(isa).dsvl2_gelu_tanh_bf16(x.data_ptr(), x.numel(), x.data_ptr())
     return x

@@ -12,10 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
+from .plan import EXACT, Plan
 
 
 class RMSNorm(nn.Module):
     """``weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)``: the weight multiply is in x's dtype."""
+
+    plan: Plan = EXACT  # set per model by plan.apply
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -23,7 +26,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.enabled() and (y := cpu_kernels.rmsnorm(self, x)) is not None:  # opt-in: decode rows
+        if self.plan.kernels and (y := cpu_kernels.rmsnorm(self, x)) is not None:  # decode rows in one C call
             return y
         dtype = x.dtype
         y = x.to(torch.float32)
@@ -31,23 +34,26 @@ class RMSNorm(nn.Module):
         return self.weight * y.to(dtype)
 
 
-def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+def linear(x: torch.Tensor, layer: nn.Module, plan: Plan = EXACT) -> torch.Tensor:
     """``layer(x)`` for a bias-free linear layer (``nn.Linear`` or ``Int8Linear``), fastest kernel chosen.
 
     A single bf16/fp16 row on CPU goes through ``torch.mv``: the same fp32-accumulated dot products as
     ``F.linear``'s GEMM path (bit-identical, tested) but ~1.4x faster per byte of weight on this CPU
-    (bench/decode.py). Everything else is ``layer(x)`` (an ``Int8Linear`` included).
+    (bench/decode.py); under a plan with ``kernels`` it goes through dsvl2's GEMV instead. Everything
+    else is ``layer(x)`` (an ``Int8Linear`` included, which follows its own plan).
     """
     if (type(layer) is nn.Linear and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
             and x.numel() == x.shape[-1] and layer.bias is None):
-        if cpu_kernels.usable(x, layer.weight) and layer.weight.stride(-1) == 1:  # opt-in AVX512-BF16 GEMV
-            return cpu_kernels.gemv(layer.weight, x.reshape(-1)).view(*x.shape[:-1], layer.out_features)
+        if cpu_kernels.usable(plan.kernels, x, layer.weight) and layer.weight.stride(-1) == 1:  # dsvl2's GEMV
+            return cpu_kernels.gemv(layer.weight, x.reshape(-1), plan.kernels).view(*x.shape[:-1], layer.out_features)
         return torch.mv(layer.weight, x.reshape(-1)).view(*x.shape[:-1], layer.out_features)
     return layer(x)
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward ``down(silu(gate(x)) * up(x))``: the dense layer 0 and the shared experts."""
+
+    plan: Plan = EXACT
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
@@ -56,9 +62,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.enabled() and (y := cpu_kernels.mlp(self, x)) is not None:  # opt-in: one call per row
+        if self.plan.kernels and (y := cpu_kernels.mlp(self, x)) is not None:  # one row in one C call
             return y
-        return linear(F.silu(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)
+        p = self.plan
+        return linear(F.silu(linear(x, self.gate_proj, p)) * linear(x, self.up_proj, p), self.down_proj, p)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

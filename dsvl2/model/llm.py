@@ -15,6 +15,7 @@ from .attention import MHA, MLA
 from .cache import KVCache, LatentCache
 from .layers import MLP, RMSNorm, RotaryTable, linear
 from .moe import MoE
+from .plan import EXACT, Plan
 
 
 class DecoderLayer(nn.Module):
@@ -89,6 +90,8 @@ class LanguageModel(nn.Module):
 class CausalLM(nn.Module):
     """``language``: the decoder plus the untied ``lm_head``."""
 
+    plan: Plan = EXACT  # set per model by plan.apply
+
     def __init__(self, cfg: LanguageConfig):
         super().__init__()
         self.cfg = cfg
@@ -97,4 +100,4 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head in the weights' dtype, then fp32 (as the official forward)."""
-        return linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head, self.plan).float()

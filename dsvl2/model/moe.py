@@ -33,10 +33,13 @@ from torch.nn.utils import parametrize
 
 from ..config import LanguageConfig
 from . import cpu_kernels
+from .plan import EXACT, Plan
 from .layers import MLP
 
 
 class Router(nn.Module):
+    plan: Plan = EXACT  # set per model by plan.apply
+
     def __init__(self, cfg: LanguageConfig):
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
@@ -57,7 +60,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, D) -> expert ids (N, K), fp32 weights (N, K), fp32 scores (N, E)."""
-        if cpu_kernels.enabled() and (routed := cpu_kernels.router(self, x)) is not None:  # opt-in: one decode row
+        if self.plan.kernels and (routed := cpu_kernels.router(self, x)) is not None:  # one decode row in C
             return routed
         scores = self.scores(x)
         if self.noaux:
@@ -134,6 +137,8 @@ def _stride_aligned(x: torch.Tensor) -> torch.Tensor:
 class Experts(nn.Module):
     """E SwiGLU experts as stacked weights: gate/up (E, I, D), down (E, D, I)."""
 
+    plan: Plan = EXACT  # set per model by plan.apply
+
     def __init__(self, n_experts: int, hidden: int, intermediate: int):
         super().__init__()
         self.gate_proj = nn.Parameter(torch.zeros(n_experts, intermediate, hidden))
@@ -145,9 +150,10 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x (N, D), idx/weight (N, K) -> sum_k weight * expert_idx(x): one grouped GEMM per projection."""
-        if (x.shape[0] <= cpu_kernels.MOE_MAX_TOKENS and cpu_kernels.usable(x, self.gate_proj)
-                and not parametrize.is_parametrized(self)):  # opt-in fused decode kernel
-            return cpu_kernels.moe(x, self.gate_proj, self.up_proj, self.down_proj, idx, weight)
+        isa = self.plan.kernels
+        if (x.shape[0] <= cpu_kernels.MOE_MAX_TOKENS and cpu_kernels.usable(isa, x, self.gate_proj)
+                and not parametrize.is_parametrized(self)):  # the fused decode kernel
+            return cpu_kernels.moe(x, self.gate_proj, self.up_proj, self.down_proj, idx, weight, isa)
         if not grouped_mm_supported(x):
             run = self._gathered if capturing() else self._per_expert  # no host sync inside a CUDA graph
         elif self._column_form_ok(x):

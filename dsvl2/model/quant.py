@@ -34,6 +34,8 @@ from torch import nn
 
 from ..errors import InputError
 from . import cpu_kernels
+from .plan import EXACT, Plan, plan_of
+from .plan import apply as apply_plan
 from .layers import linear  # noqa: F401  (re-exported: the single-row fast path lives in layers)
 from .moe import Experts, dispatch
 
@@ -62,12 +64,12 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[to
     return q.view(w.shape), scale.view(w.shape[:-1])
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (..., I), q (O, I) int8, scale (O,) in x's dtype -> (..., O) in x's dtype."""
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernels: str | None = None) -> torch.Tensor:
+    """x (..., I), q (O, I) int8, scale (O,) in x's dtype -> (..., O) in x's dtype (``kernels``: a plan's build)."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    if 0 < rows <= cpu_kernels.MOE_MAX_TOKENS and q.stride(-1) == 1 and cpu_kernels.usable_int8(x, q, scale):
-        return cpu_kernels.gemm_int8(q, scale, x.reshape(rows, k)).view(*x.shape[:-1], q.shape[0])  # opt-in kernel
+    if 0 < rows <= cpu_kernels.MOE_MAX_TOKENS and q.stride(-1) == 1 and cpu_kernels.usable_int8(kernels, x, q, scale):
+        return cpu_kernels.gemm_int8(q, scale, x.reshape(rows, k), kernels).view(*x.shape[:-1], q.shape[0])
     if x.device.type == "cpu" and k % 16 == 0 and 0 < rows <= KERNEL_MAX_ROWS:
         y = torch._weight_int8pack_mm(x.reshape(rows, k).contiguous(), q, scale)  # (rows, O)
         return y.view(*x.shape[:-1], q.shape[0])
@@ -92,6 +94,8 @@ class Int8Weight(torch.Tensor):
 class Int8Linear(nn.Module):
     """A bias-free ``nn.Linear`` with int8 weights: buffers ``weight_int8`` (O, I), ``weight_scale`` (O,)."""
 
+    plan: Plan = EXACT  # set per model by plan.apply
+
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype, device: torch.device | str):
         super().__init__()
         self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
@@ -102,7 +106,7 @@ class Int8Linear(nn.Module):
         return Int8Weight(self.weight_int8.shape, self.weight_scale.dtype, self.weight_int8.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight_int8, self.weight_scale)
+        return int8_linear(x, self.weight_int8, self.weight_scale, self.plan.kernels)
 
 
 class Int8Experts(nn.Module):
@@ -113,6 +117,7 @@ class Int8Experts(nn.Module):
     """
 
     NAMES = ("gate_proj", "up_proj", "down_proj")
+    plan: Plan = EXACT  # set per model by plan.apply
 
     def __init__(self, n_experts: int, hidden: int, intermediate: int, dtype: torch.dtype,
                  device: torch.device | str):
@@ -132,11 +137,12 @@ class Int8Experts(nn.Module):
     down_proj = property(lambda self: self._weight("down_proj"))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= cpu_kernels.MOE_MAX_TOKENS and cpu_kernels.usable_int8(x, self.gate_proj_int8,
+        isa = self.plan.kernels
+        if x.shape[0] <= cpu_kernels.MOE_MAX_TOKENS and cpu_kernels.usable_int8(isa, x, self.gate_proj_int8,
                                                                                  self.gate_proj_scale):
-            return cpu_kernels.moe_int8(x, (self.gate_proj_int8, self.gate_proj_scale),  # opt-in fused kernel
+            return cpu_kernels.moe_int8(x, (self.gate_proj_int8, self.gate_proj_scale),  # the fused decode kernel
                                         (self.up_proj_int8, self.up_proj_scale),
-                                        (self.down_proj_int8, self.down_proj_scale), idx, weight)
+                                        (self.down_proj_int8, self.down_proj_scale), idx, weight, isa)
         return dispatch(x, idx, weight, self.gate_proj_int8.shape[0], self._per_expert)
 
     def _per_expert(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -196,4 +202,4 @@ def quantize_model_(model: nn.Module) -> nn.Module:
     for name, value in state.items():
         path, _, buf = name.rpartition(".")
         getattr(model.get_submodule(path), buf).copy_(value)
-    return model
+    return apply_plan(model, plan_of(model))  # the new modules run the model's plan

@@ -16,6 +16,7 @@ from torch import nn
 from ..config import VisionConfig
 from ..errors import InputError
 from . import cpu_kernels
+from .plan import EXACT, Plan
 
 
 class PatchEmbed(nn.Module):
@@ -44,6 +45,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    plan: Plan = EXACT  # set per model by plan.apply
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
@@ -51,7 +54,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
-        g = cpu_kernels.gelu_tanh(h) if cpu_kernels.enabled() else None  # opt-in, bf16 CPU inference
+        g = cpu_kernels.gelu_tanh(h, self.plan.kernels) if self.plan.kernels else None  # bf16 CPU inference
         return self.fc2(F.gelu(h, approximate="tanh") if g is None else g)
 
 

@@ -135,7 +135,7 @@ def create_app(pipe: Pipeline, args: ServeArgs | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_id, **asdict(engine.stats)}
+        return {"status": "ok", "model": model_id, "plan": pipe.plan.as_dict(), **asdict(engine.stats)}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

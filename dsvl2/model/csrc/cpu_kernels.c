@@ -337,14 +337,23 @@ void dsvl2_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const uint16_t *gat
  * (tests/test_cpu_kernels.py). */
 
 /* xq = round(x / s) with s = max|x| / 32767 (s = 1 for an all-zero x); returns s. x fp32, or bf16 (xb). */
+static inline int16_t to_i16(float v) {
+    long q = lrintf(v);
+    return (int16_t)(q > 32767 ? 32767 : (q < -32767 ? -32767 : q));
+}
+
+/* (Written so that gcc 12's aarch64 vectoriser does not crash: fmaxf of a widened bf16 in a reduction does.) */
 static float quantize_i16(const float *x, const uint16_t *xb, int64_t n, int16_t *xq) {
     float m = 0.0f;
-    for (int64_t i = 0; i < n; i++) m = fmaxf(m, fabsf(x ? x[i] : bf16_to_f32(xb[i])));
-    float s = m > 0.0f ? m / 32767.0f : 1.0f, inv = 1.0f / s;
     for (int64_t i = 0; i < n; i++) {
-        long v = lrintf((x ? x[i] : bf16_to_f32(xb[i])) * inv);
-        xq[i] = (int16_t)(v > 32767 ? 32767 : (v < -32767 ? -32767 : v));
+        float a = fabsf(x ? x[i] : bf16_to_f32(xb[i]));
+        m = a > m ? a : m; /* NaN-free inputs: as fmaxf */
     }
+    float s = m > 0.0f ? m / 32767.0f : 1.0f, inv = 1.0f / s;
+    if (x)
+        for (int64_t i = 0; i < n; i++) xq[i] = to_i16(x[i] * inv);
+    else
+        for (int64_t i = 0; i < n; i++) xq[i] = to_i16(bf16_to_f32(xb[i]) * inv);
     return s;
 }
 
