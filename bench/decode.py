@@ -189,8 +189,8 @@ def random_model(cfg, dtype: torch.dtype, device: torch.device, seed: int = 0, q
         init_random_(model, seed)
     # The non-persistent RoPE buffer: rebuilt in fp32 on the device, as after loading a checkpoint.
     model.language.model.rotary.reset_(device)
-    if quantize == "int8":
-        quant.quantize_model_(model)
+    if quantize:
+        quant.quantize_model_(model, quantize)
     return model.eval()
 
 
@@ -272,7 +272,7 @@ def main() -> None:
                     help="with --preset: folder with tokenizer.json (default: $DSVL2_TOKENIZER or ../shared/golden)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--quantize", default=None, choices=[None, "int8"])
+    ap.add_argument("--quantize", default=None, choices=[None, "int8", "int4"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="decode through torch.compile")
     ap.add_argument("--exact", action="store_true",

@@ -199,8 +199,8 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.bfloat16, devic
 
     Every parameter must be present with the right shape; unknown keys are errors (``attn_pool`` is
     the one documented exception). ``progress(done_bytes, total_bytes)`` is called while reading.
-    ``quantize="int8"``: the language model's linear and expert weights are quantized as each tensor
-    is read (``model/quant.py``), so the peak memory is the int8 model plus one tensor.
+    ``quantize="int8"|"int4"``: the language model's linear and expert weights are quantized as each
+    tensor is read (``model/quant.py``), so the peak memory is the quantized model plus one tensor.
     """
     from .config_ocr2 import read_config
     from .model import quant
@@ -214,7 +214,7 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.bfloat16, devic
     with torch.device("meta"):
         model, prefixes = build_empty(cfg)
     params = dict(model.named_parameters())
-    int8 = quant.int8_targets(model) if quantize == "int8" else {}
+    int8 = quant.int8_targets(model) if quantize else {}
 
     files = [SafetensorsFile(p) for p in _weight_files(directory)]
     where: dict[str, SafetensorsFile] = {}
@@ -256,7 +256,7 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.bfloat16, devic
                 if progress:
                     progress(done, total)
             if name in int8:
-                for qname, value in zip(quant.quantized_names(name), quant.quantize_int8(target)):
+                for qname, value in zip(quant.quantized_names(name, quantize), quant.QUANTIZERS[quantize](target)):
                     state[qname] = value.to(device)
                 del target
             else:
@@ -271,7 +271,7 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.bfloat16, devic
         for f in handles.values():
             f.close()
     if int8:
-        quant.swap_int8_modules_(model, dtype)
+        quant.swap_int8_modules_(model, dtype, quantize)
     model.load_state_dict(state, strict=True, assign=True)
     # The non-persistent RoPE buffers are not in the state dict: rebuild them in fp32 on the target device.
     if prefixes:

@@ -45,6 +45,8 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=None, help="tokens of KV cache to budget (default: the context limit)")
     parser.add_argument("--device", default=None, help="device the plan is resolved for (default: cuda if available, else cpu)")
     parser.add_argument("--exact", action="store_true", help="show the exact plan (every op in its reference form)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="memory of the weight-only quantized language model (as dsvl2.load(quantize=...))")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -78,6 +80,18 @@ def info_main(args: argparse.Namespace) -> int:
         "kv_cache_bytes_at_context": kv_token * context, "context": context,
         "plan": _plan(args).as_dict(),
     }
+    if args.quantize:
+        import torch
+
+        from .model.quant import weight_bytes
+        from .model.vlm import DSVL2
+
+        with torch.device("meta"):
+            model = DSVL2(cfg)
+        info["quantize"] = args.quantize
+        info["weights_bytes_quantized"], largest = weight_bytes(model, width, args.quantize)
+        # loading quantizes tensor by tensor: the model plus one tensor in the load dtype (+ its fp32 chunks)
+        info["load_peak_bytes_estimate"] = info["weights_bytes_quantized"] + largest
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -92,6 +106,10 @@ def info_main(args: argparse.Namespace) -> int:
           f"{human(counts.shared_experts)}, routed experts {human(counts.routed_experts)}")
     print(f"memory       weights {human(info['weights_bytes'], 'B')} in {args.dtype}; KV cache "
           f"{human(kv_token, 'B')}/token -> {human(kv_token * context, 'B')} at {context} tokens")
+    if args.quantize:
+        print(f"  --quantize {args.quantize}: weights {human(info['weights_bytes_quantized'], 'B')} (language model "
+              f"{args.quantize}, vision/projector/embeddings/norms {args.dtype}); loading peaks near "
+              f"{human(info['load_peak_bytes_estimate'], 'B')} (+ the process, ~0.5 GB)")
     print("plan         " + "\n             ".join(info["plan"]["why"]))
     return 0
 

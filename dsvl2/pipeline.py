@@ -385,7 +385,8 @@ def load(model_dir: str | Path | None = None, dtype: str | torch.dtype = "bf16",
          exact: bool = False) -> Pipeline:
     """Load a model directory in the official Hugging Face layout (config, safetensors, tokenizer).
 
-    ``quantize="int8"``: int8 weight-only language model (about half the memory and bytes per token).
+    ``quantize="int8"``: int8 weight-only language model (about half the memory and bytes per token);
+    ``"int4"``: int4 with group-wise scales (about a quarter).
     The model runs the fast execution plan for this machine (``dsvl2.model.plan``: SDPA attention; on
     CPU in bf16, dsvl2's C kernels for decode and the vision GELU, the build chosen for this CPU), which
     is bf16-close to the reference; ``exact=True`` runs every op in its reference form (the path the

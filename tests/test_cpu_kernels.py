@@ -418,3 +418,40 @@ def test_the_generic_build_on_arm64_computes_what_the_host_builds_do(tmp_path):
     assert len(host) == len(arm) > 3000 and [k for k, _ in host] == [k for k, _ in arm]
     for (kernel, a), (_, b) in zip(host, arm):  # fp32 sums in other orders, rounded to bf16: within one step
         assert abs(float(a) - float(b)) <= 2 ** -7 * max(abs(float(a)), 1e-3), kernel
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(37, 1280), (5, 40), (64, 896)])
+def test_int4_gemm_equals_the_exact_product_of_the_dequantized_weights(shape):
+    o, i = shape
+    g = torch.Generator().manual_seed(o + i)
+    q, scale = quant.quantize_int4(torch.randn(o, i, generator=g).bfloat16())
+    w = quant.dequantize_int4(q, scale.double())  # (O, I): q * s exactly
+    x = torch.randn(3, i, generator=g).bfloat16()
+    exact = x.double() @ w.T
+    y = cpu_kernels.gemm_int8(q, scale, x)  # the quantized GEMM takes int4 too (group from the shapes)
+    assert y.dtype == torch.bfloat16 and y.shape == (3, o)
+    # x quantized to int16 (error <= max|x| / 65534 per element), exact int32 group sums, one bf16 rounding
+    bound = 2 ** -8 * exact.abs() + (w.abs().sum(-1) * x.double().abs().amax(-1, keepdim=True) / 65534) * 1.01
+    assert ((y.double() - exact).abs() <= bound + 1e-6).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_int4_fused_experts_equal_the_torch_path(tokens):
+    g = torch.Generator().manual_seed(tokens)
+    qe = quant.Int4Experts(8, 64, 40, torch.bfloat16, "cpu")
+    for name in qe.NAMES:
+        w = torch.randn(getattr(qe, f"{name}_int4").shape[:-1] + (2 * getattr(qe, f"{name}_int4").shape[-1],),
+                        generator=g).bfloat16() * 0.1
+        q, s = quant.quantize_int4(w)
+        getattr(qe, f"{name}_int4").copy_(q)
+        getattr(qe, f"{name}_scale").copy_(s)
+    x = torch.randn(tokens, 64, generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(8, generator=g)[:6] for _ in range(tokens)])
+    weight = torch.rand(tokens, 6, generator=g)
+    with torch.no_grad():
+        plain = qe(x, idx, weight)  # exact plan: dequantized weights, one expert at a time
+        fused = apply(qe, FAST)(x, idx, weight)
+    # the torch path rounds each q * s to bf16 (the kernel multiplies exactly): a little wider than int8's
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=2 ** -6, atol=4e-3)

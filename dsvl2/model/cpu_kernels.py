@@ -43,8 +43,10 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp"]
 ISAS = ("avx512", "avx2", "generic")  # best first
 ISA_FLAGS = {
+    # 256-bit vectors for the plain loops (the intrinsics are 512-bit): with 512 gcc leaves int4's 32-byte
+    # unpack loops to the scalar epilogue (5x slower int4 GEMV, measured)
     "avx512": ["-DDSVL2_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mavx2",
-               "-mfma", "-mf16c"],
+               "-mfma", "-mf16c", "-mprefer-vector-width=256"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "generic": [],
 }
@@ -89,8 +91,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "dsvl2_cpu_features": ([], c_int),
         "dsvl2_gemv_bf16": ([p, i64, i64, i64, p, p], None),
         "dsvl2_moe_bf16": ([p, i64, i64, p, p, p, i64, p, p, i64, p, p, p], None),
-        "dsvl2_gemm_int8": ([p, i64, i64, i64, p, p, i64, p], None),
-        "dsvl2_moe_int8": ([p, i64, i64, p, p, p, p, p, p, i64, p, p, i64, p, p, p], None),
+        "dsvl2_gemm_int8": ([p, i64, i64, i64, p, p, i64, p, i64], None),
+        "dsvl2_moe_int8": ([p, i64, i64, p, p, p, p, p, p, i64, p, p, i64, p, p, p, i64, i64], None),
         "dsvl2_mha_decode": ([p, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, f32, p], None),
         "dsvl2_mla_decode": ([p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, f32, p, p, p, p, p, p, p, i64, f32, p],
                              None),
@@ -213,24 +215,37 @@ def moe(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tenso
     return out
 
 
+def _group(q: torch.Tensor, scale: torch.Tensor) -> int:
+    """0 for int8 (one scale per row), else the int4 group size (q packed two to a byte, scales per group)."""
+    if q.dtype == torch.int8:
+        return 0
+    group = 2 * q.shape[-1] // scale.shape[-1]
+    assert q.dtype == torch.uint8 and 2 * q.shape[-1] == group * scale.shape[-1] and group % 2 == 0 and group <= 256
+    return group
+
+
 def gemm_int8(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, isa: str | None = None) -> torch.Tensor:
-    """x (T, I) bf16 rows (decode batches: T <= MOE_MAX_TOKENS), q (O, I) int8, scale (O,) bf16 -> (T, O) bf16."""
-    o, i = q.shape
+    """x (T, I) bf16 rows (decode batches: T <= MOE_MAX_TOKENS) -> (T, O) bf16, for int8 q (O, I) with row
+    scales (O,) bf16, or int4 q (O, I / 2) uint8 (quant.quantize_int4's packing) with scales (O, I / group)."""
+    o, i = q.shape[0], x.shape[1]
     t = x.shape[0]
-    assert q.stride(1) == 1 and x.shape[1] == i and scale.numel() == o, (q.shape, q.stride(), x.shape, scale.shape)
+    group = _group(q, scale)
+    assert q.stride(1) == 1 and scale.shape[0] == o and (q.shape[1] == i or 2 * q.shape[1] == i), (q.shape, x.shape)
     y = torch.empty(t, o, dtype=torch.bfloat16)
     load(isa or default_isa()).dsvl2_gemm_int8(q.data_ptr(), o, i, q.stride(0), scale.contiguous().data_ptr(),
-                           x.contiguous().data_ptr(), t, y.data_ptr())
+                                               x.contiguous().data_ptr(), t, y.data_ptr(), group)
     return y
 
 
 def moe_int8(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tensor, torch.Tensor],
              down: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, weight: torch.Tensor,
              isa: str | None = None) -> torch.Tensor:
-    """:func:`moe` with int8 experts: each projection a pair (q (E, O, I) int8, scale (E, O) bf16)."""
+    """:func:`moe` with quantized experts: each projection a pair (q, scale) as :func:`gemm_int8`'s, stacked
+    over experts: int8 (E, O, I) with (E, O), or int4 (E, O, I / 2) with (E, O, I / group)."""
     t, d = x.shape
     i = gate[0].shape[1]
     k = idx.shape[1]
+    group, group_down = _group(*gate), _group(*down)
     (gq, gs), (uq, us), (dq, ds) = ((a.contiguous(), b.contiguous()) for a, b in (gate, up, down))
     x = x.contiguous()
     idx = idx.to(torch.int64).contiguous()
@@ -239,8 +254,9 @@ def moe_int8(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor], up: tuple
     y = torch.empty(t * k * d, dtype=torch.float32)
     out = torch.empty(t, d, dtype=torch.bfloat16)
     load(isa or default_isa()).dsvl2_moe_int8(x.data_ptr(), t, d, gq.data_ptr(), gs.data_ptr(), uq.data_ptr(),
-                          us.data_ptr(), dq.data_ptr(), ds.data_ptr(), i, idx.data_ptr(), weight.data_ptr(), k,
-                          h.data_ptr(), y.data_ptr(), out.data_ptr())
+                                              us.data_ptr(), dq.data_ptr(), ds.data_ptr(), i, idx.data_ptr(),
+                                              weight.data_ptr(), k, h.data_ptr(), y.data_ptr(), out.data_ptr(), group,
+                                              group_down)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Int8 weight-only quantization of the language model (``dsvl2.load(..., quantize="int8")``).
+"""Int8 / int4 weight-only quantization of the language model (``dsvl2.load(..., quantize="int8"|"int4")``).
 
 Decoding at batch 1 reads every activated weight once per token, so its speed is set by the bytes
 of those weights: int8 halves them against bf16. Each output channel ``o`` of a weight ``W (O, I)``
@@ -18,6 +18,13 @@ multiple of 16 (other widths crash or return garbage in torch 2.13) and re-reads
 block of rows, so long inputs (prefill) instead convert ``q`` to the activation dtype and run the
 ordinary GEMM, which is compute-bound there anyway. Elsewhere (CUDA) the same conversion is the
 fallback: correct, memory-saving, not faster.
+
+Int4 (``quantize="int4"``): groups of ``INT4_GROUP`` input columns (fewer where the width is not a
+multiple) share one symmetric scale ``s = max |W| / 7`` (rounded to the activation dtype), ``q = round(W / s)``
+in [-7, 7], stored as ``q + 8`` two to a byte (byte j of a group: column j in the low nibble, column
+j + group/2 in the high one, the layout the C kernel unpacks). 0.53 bytes a weight: 1.9x fewer than int8.
+Decode reads them through dsvl2's C kernels (``cpu_kernels.gemm_int8`` / ``moe_int8``, which take both);
+elsewhere the weight is dequantized to the activation dtype for an ordinary GEMM.
 
 Quantized modules keep the metadata of the weight they replace: ``module.weight`` is an
 ``Int8Weight`` with the original shape, dtype and device (``DSVL2.dtype`` reads ``lm_head.weight``),
@@ -39,7 +46,8 @@ from .plan import apply as apply_plan
 from .layers import linear  # noqa: F401  (re-exported: the single-row fast path lives in layers)
 from .moe import Experts, dispatch
 
-QUANTIZE_MODES = ("int8",)
+QUANTIZE_MODES = ("int8", "int4")
+INT4_GROUP = 64  # input columns per int4 scale
 KERNEL_MAX_ROWS = 16  # _weight_int8pack_mm beats convert+GEMM up to here (bench/int8_kernels.py)
 _CHUNK = 4096  # rows quantized at a time: keeps the fp32 temporaries small while loading
 
@@ -76,6 +84,54 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernels: 
     return F.linear(x, q.to(x.dtype)) * scale
 
 
+def int4_group(in_features: int) -> int:
+    """The int4 group size for rows of ``in_features``: ``INT4_GROUP``, or the largest power of two below
+    it that divides the width (toy models); at least 2."""
+    group = INT4_GROUP
+    while in_features % group:
+        group //= 2
+    if group < 2:
+        raise InputError(f"int4 needs an even input width, got {in_features}")
+    return group
+
+
+@torch.no_grad()
+def quantize_int4(w: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (..., O, I) -> packed uint8 q (..., O, I / 2) and group scales (..., O, I / group) in ``dtype``."""
+    dtype = dtype or w.dtype
+    i = w.shape[-1]
+    group = int4_group(i)
+    flat = w.reshape(-1, i // group, group)  # (R, G, group)
+    q = torch.empty(flat.shape[0], i // 2, dtype=torch.uint8, device=w.device)
+    scale = torch.empty(flat.shape[:2], dtype=dtype, device=w.device)
+    for start in range(0, flat.shape[0], _CHUNK):
+        rows = flat[start:start + _CHUNK].float()  # (r, G, group)
+        s = (rows.abs().amax(dim=-1) / 7).clamp_min(torch.finfo(dtype).tiny).to(dtype)  # (r, G)
+        scale[start:start + _CHUNK] = s
+        v = (rows / s.float().unsqueeze(-1)).round_().clamp_(-7, 7).to(torch.uint8) + 8  # (r, G, group) nibbles
+        lo, hi = v[..., :group // 2], v[..., group // 2:]
+        q[start:start + _CHUNK] = (lo | (hi << 4)).reshape(rows.shape[0], -1)
+    return q.view(*w.shape[:-1], i // 2), scale.view(*w.shape[:-1], i // group)
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The values ``quantize_int4`` packed: (..., O, I), the products q * s in ``scale``'s dtype (exact in fp32
+    and fp64; bf16 rounds them)."""
+    ng = scale.shape[-1]
+    b = q.view(*q.shape[:-1], ng, -1)  # (..., O, G, group / 2)
+    v = torch.cat([(b & 15), (b >> 4)], dim=-1).to(torch.int8) - 8  # (..., O, G, group)
+    return (v.to(scale.dtype) * scale.unsqueeze(-1)).flatten(-2)
+
+
+def int4_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernels: str | None = None) -> torch.Tensor:
+    """x (..., I), packed int4 q (O, I / 2), scales (O, I / group) in x's dtype -> (..., O) in x's dtype."""
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if 0 < rows <= cpu_kernels.MOE_MAX_TOKENS and cpu_kernels.usable(kernels, x, scale) and q.device.type == "cpu":
+        return cpu_kernels.gemm_int8(q, scale, x.reshape(rows, k), kernels).view(*x.shape[:-1], q.shape[0])
+    return F.linear(x, dequantize_int4(q, scale.float()).to(x.dtype))  # q * s rounded once
+
+
 class Int8Weight(torch.Tensor):
     """Shape, dtype and device of a quantized weight, without its values: any operation raises RuntimeError."""
 
@@ -88,7 +144,13 @@ class Int8Weight(torch.Tensor):
         raise RuntimeError(f"{func}: this weight is int8-quantized; call its module (or load without quantize=)")
 
     def __repr__(self) -> str:
-        return f"Int8Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+        return f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+
+class Int4Weight(Int8Weight):
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RuntimeError(f"{func}: this weight is int4-quantized; call its module (or load without quantize=)")
 
 
 class Int8Linear(nn.Module):
@@ -157,6 +219,72 @@ class Int8Experts(nn.Module):
         return torch.cat(outs, dim=0)
 
 
+class Int4Linear(nn.Module):
+    """A bias-free ``nn.Linear`` with int4 weights: ``weight_int4`` (O, I / 2) uint8, ``weight_scale`` (O, I / group)."""
+
+    plan: Plan = EXACT  # set per model by plan.apply
+
+    def __init__(self, out_features: int, in_features: int, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        group = int4_group(in_features)
+        self.register_buffer("weight_int4", torch.empty(out_features, in_features // 2, dtype=torch.uint8,
+                                                        device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, in_features // group, dtype=dtype,
+                                                         device=device))
+
+    @property
+    def weight(self) -> Int4Weight:
+        q = self.weight_int4
+        return Int4Weight(torch.Size((q.shape[0], 2 * q.shape[1])), self.weight_scale.dtype, q.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_linear(x, self.weight_int4, self.weight_scale, self.plan.kernels)
+
+
+class Int4Experts(nn.Module):
+    """Routed experts with int4 weights: ``{gate,up,down}_proj_int4`` (E, O, I / 2), ``*_scale`` (E, O, I / group)."""
+
+    NAMES = Int8Experts.NAMES
+    plan: Plan = EXACT  # set per model by plan.apply
+
+    def __init__(self, n_experts: int, hidden: int, intermediate: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        super().__init__()
+        shapes = {"gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden),
+                  "down_proj": (hidden, intermediate)}
+        for name, (o, i) in shapes.items():
+            self.register_buffer(f"{name}_int4", torch.empty(n_experts, o, i // 2, dtype=torch.uint8, device=device))
+            self.register_buffer(f"{name}_scale", torch.empty(n_experts, o, i // int4_group(i), dtype=dtype,
+                                                              device=device))
+
+    def _weight(self, name: str) -> Int4Weight:
+        q = getattr(self, f"{name}_int4")
+        return Int4Weight(torch.Size((*q.shape[:-1], 2 * q.shape[-1])), getattr(self, f"{name}_scale").dtype, q.device)
+
+    gate_proj = property(lambda self: self._weight("gate_proj"))
+    up_proj = property(lambda self: self._weight("up_proj"))
+    down_proj = property(lambda self: self._weight("down_proj"))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        isa = self.plan.kernels
+        pairs = [(getattr(self, f"{n}_int4"), getattr(self, f"{n}_scale")) for n in self.NAMES]
+        if x.shape[0] <= cpu_kernels.MOE_MAX_TOKENS and cpu_kernels.usable(isa, x, pairs[0][1]):
+            return cpu_kernels.moe_int8(x, *pairs, idx, weight, isa)  # the fused decode kernel (int4 form)
+        return dispatch(x, idx, weight, pairs[0][0].shape[0], self._per_expert)
+
+    def _per_expert(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        (gq, gs), (uq, us), (dq, ds) = [(getattr(self, f"{n}_int4"), getattr(self, f"{n}_scale")) for n in self.NAMES]
+        outs, start = [], 0
+        for e, c in enumerate(counts.tolist()):
+            if c:
+                r = rows[start:start + c]
+                k = self.plan.kernels
+                h = F.silu(int4_linear(r, gq[e], gs[e], k)) * int4_linear(r, uq[e], us[e], k)
+                outs.append(int4_linear(h, dq[e], ds[e], k))
+                start += c
+        return torch.cat(outs, dim=0)
+
+
 def int8_targets(model: nn.Module) -> dict[str, str]:
     """Parameter name -> the kind of module holding it ("linear" | "experts"), for every quantized weight."""
     found = {}
@@ -170,35 +298,59 @@ def int8_targets(model: nn.Module) -> dict[str, str]:
     return found
 
 
-def quantized_names(name: str) -> tuple[str, str]:
-    """State-dict names of the int8 values and the scales that replace parameter ``name``."""
-    return f"{name}_int8", f"{name}_scale"
+def weight_bytes(model: nn.Module, width: int, mode: str | None) -> tuple[int, int]:
+    """(bytes of ``model``'s weights loaded in a dtype of ``width`` bytes with ``quantize=mode``, bytes of
+    its largest tensor in that dtype: what loading holds besides the model). A meta-device model will do."""
+    targets = int8_targets(model) if mode else {}
+    total = largest = 0
+    for name, p in model.named_parameters():
+        largest = max(largest, p.numel() * width)
+        i = p.shape[-1]
+        rows = p.numel() // i
+        if name not in targets:
+            total += p.numel() * width
+        elif mode == "int8":
+            total += rows * i + rows * width
+        else:
+            total += rows * i // 2 + rows * (i // int4_group(i)) * width
+    return total, largest
 
 
-def swap_int8_modules_(model: nn.Module, dtype: torch.dtype) -> None:
-    """Replace every target module by its int8 twin (uninitialised buffers on the module's device)."""
+def quantized_names(name: str, mode: str = "int8") -> tuple[str, str]:
+    """State-dict names of the quantized values and the scales that replace parameter ``name``."""
+    return f"{name}_{mode}", f"{name}_scale"
+
+
+QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
+_MODULES = {"int8": (Int8Linear, Int8Experts), "int4": (Int4Linear, Int4Experts)}
+
+
+def swap_int8_modules_(model: nn.Module, dtype: torch.dtype, mode: str = "int8") -> None:
+    """Replace every target module by its ``mode`` twin (uninitialised buffers on the module's device)."""
+    linear_cls, experts_cls = _MODULES[mode]
     modules = dict(model.named_modules())
     for name in sorted({n.rsplit(".", 1)[0] for n in int8_targets(model)}):
         parent_name, _, child = name.rpartition(".")
         old = modules[name]
         if isinstance(old, Experts):
             e, i, d = old.gate_proj.shape
-            new: nn.Module = Int8Experts(e, d, i, dtype, old.gate_proj.device)
+            new: nn.Module = experts_cls(e, d, i, dtype, old.gate_proj.device)
         else:
-            new = Int8Linear(old.out_features, old.in_features, dtype, old.weight.device)
+            new = linear_cls(old.out_features, old.in_features, dtype, old.weight.device)
         setattr(modules[parent_name], child, new)
 
 
 @torch.no_grad()
-def quantize_model_(model: nn.Module) -> nn.Module:
+def quantize_model_(model: nn.Module, mode: str = "int8") -> nn.Module:
     """Quantize an in-memory model in place (loading does the same tensor by tensor, see checkpoint.py)."""
+    check_mode(mode)
     params = dict(model.named_parameters())
     state = {}
     for name in int8_targets(model):
         p = params[name]
-        state.update(zip(quantized_names(name), quantize_int8(p.detach(), p.dtype)))
+        state.update(zip(quantized_names(name, mode), QUANTIZERS[mode](p.detach(), p.dtype)))
     dtype = model.language.model.norm.weight.dtype
-    swap_int8_modules_(model, dtype)
+    swap_int8_modules_(model, dtype, mode)
     for name, value in state.items():
         path, _, buf = name.rpartition(".")
         getattr(model.get_submodule(path), buf).copy_(value)

@@ -357,23 +357,76 @@ static float quantize_i16(const float *x, const uint16_t *xb, int64_t n, int16_t
     return s;
 }
 
-/* rows [r, r+4) of y = diag(scale) Q x * sx in fp32 (scale bf16, one per row); partial groups as rows_f32. */
-static inline void rows_i8(const int8_t *Q, int64_t ldq, const uint16_t *scale, const int16_t *x, float sx,
-                                  int64_t n, int64_t r, int64_t rows, float *y) {
-    int64_t last = rows - 1;
-    const int8_t *w0 = Q + r * ldq;
-    const int8_t *w1 = Q + (r + 1 <= last ? r + 1 : last) * ldq;
-    const int8_t *w2 = Q + (r + 2 <= last ? r + 2 : last) * ldq;
-    const int8_t *w3 = Q + (r + 3 <= last ? r + 3 : last) * ldq;
-    float d[4];
-    dot4_i8(w0, w1, w2, w3, x, n, PREFETCH_AHEAD(ldq), d);
-    for (int j = 0; j < 4 && r + j < rows; j++) y[j] = d[j] * sx * bf16_to_f32(scale[r + j]);
+/* ---- int4 weight-only, group-wise scales (quant.py, quantize="int4") ------------------------------------
+ * A row is groups of `group` columns (group even, <= MAX_GROUP), packed two to a byte: byte j of a group
+ * holds column j in its low nibble and column j + group / 2 in its high one, value = nibble - 8; one bf16
+ * scale per row and group. The same int16 activations as int8: per group an exact int32 sum of the
+ * unpacked weights times x (VPMADDWD), scaled by the group's scale in fp32. Plain C for every build. */
+#define MAX_GROUP 256
+static inline void unpack_i4(const uint8_t *b, int64_t half, int16_t *v) {
+    for (int64_t j = 0; j < half; j++) {
+        v[j] = (int16_t)((b[j] & 15) - 8);
+        v[j + half] = (int16_t)((b[j] >> 4) - 8);
+    }
 }
 
-/* y (T, O) bf16 = (x (T, I) bf16 @ Q^T) * scale, Q (O, I) int8 with row scales (O,) bf16. Each group of
- * four weight rows is read from memory once and reused from L1 for the T rows of x (decode batches). */
-void dsvl2_gemm_int8(const int8_t *Q, int64_t O, int64_t I, int64_t ldq, const uint16_t *scale,
-                            const uint16_t *x, int64_t T, uint16_t *y) {
+static inline void dot4_i4(const uint8_t *w0, const uint8_t *w1, const uint8_t *w2, const uint8_t *w3,
+                           const uint16_t *s0, const uint16_t *s1, const uint16_t *s2, const uint16_t *s3,
+                           const int16_t *x, int64_t n, int64_t group, int64_t ahead, float out[4]) {
+    float f0 = 0.0f, f1 = 0.0f, f2 = 0.0f, f3 = 0.0f;
+    int16_t v0[MAX_GROUP], v1[MAX_GROUP], v2[MAX_GROUP], v3[MAX_GROUP];
+    int64_t half = group / 2;
+    for (int64_t c = 0, g = 0; c < n; c += group, g++) {
+        const int64_t b = c / 2;
+        PREFETCH(w0 + b + ahead);
+        PREFETCH(w1 + b + ahead);
+        PREFETCH(w2 + b + ahead);
+        PREFETCH(w3 + b + ahead);
+        unpack_i4(w0 + b, half, v0);
+        unpack_i4(w1 + b, half, v1);
+        unpack_i4(w2 + b, half, v2);
+        unpack_i4(w3 + b, half, v3);
+        const int16_t *xc = x + c;
+        int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0; /* <= 256 * 8 * 32767 < 2^31 */
+        for (int64_t j = 0; j < group; j++) {
+            a0 += v0[j] * xc[j];
+            a1 += v1[j] * xc[j];
+            a2 += v2[j] * xc[j];
+            a3 += v3[j] * xc[j];
+        }
+        f0 += bf16_to_f32(s0[g]) * (float)a0;
+        f1 += bf16_to_f32(s1[g]) * (float)a1;
+        f2 += bf16_to_f32(s2[g]) * (float)a2;
+        f3 += bf16_to_f32(s3[g]) * (float)a3;
+    }
+    out[0] = f0, out[1] = f1, out[2] = f2, out[3] = f3;
+}
+
+/* rows [r, r+4) of y = (Q x) * sx in fp32 for quantized rows: int8 with one bf16 scale per row (group 0;
+ * ldq bytes per row) or int4 with one per row and group (ldq = n / 2); partial groups as rows_f32. */
+static inline void rows_q(const void *Q, int64_t ldq, const uint16_t *scale, int64_t group, const int16_t *x,
+                          float sx, int64_t n, int64_t r, int64_t rows, float *y) {
+    int64_t last = rows - 1, rr[4];
+    for (int j = 0; j < 4; j++) rr[j] = r + j <= last ? r + j : last;
+    float d[4];
+    if (group == 0) {
+        const int8_t *q = (const int8_t *)Q;
+        dot4_i8(q + rr[0] * ldq, q + rr[1] * ldq, q + rr[2] * ldq, q + rr[3] * ldq, x, n, PREFETCH_AHEAD(ldq), d);
+        for (int j = 0; j < 4 && r + j < rows; j++) y[j] = d[j] * sx * bf16_to_f32(scale[r + j]);
+    } else {
+        const uint8_t *q = (const uint8_t *)Q;
+        int64_t ng = n / group;
+        dot4_i4(q + rr[0] * ldq, q + rr[1] * ldq, q + rr[2] * ldq, q + rr[3] * ldq, scale + rr[0] * ng,
+                scale + rr[1] * ng, scale + rr[2] * ng, scale + rr[3] * ng, x, n, group, PREFETCH_AHEAD(ldq), d);
+        for (int j = 0; j < 4 && r + j < rows; j++) y[j] = d[j] * sx;
+    }
+}
+
+/* y (T, O) bf16 = x (T, I) bf16 @ dequant(Q)^T: Q (O, I) int8 with row scales (O,) bf16 (group 0), or int4
+ * packed (O, I / 2) with scales (O, I / group). Each group of four weight rows is read from memory once and
+ * reused from L1 for the T rows of x (decode batches). */
+void dsvl2_gemm_int8(const void *Q, int64_t O, int64_t I, int64_t ldq, const uint16_t *scale,
+                     const uint16_t *x, int64_t T, uint16_t *y, int64_t group) {
     int16_t *xq = malloc((size_t)(T * I) * sizeof(int16_t));
     float *sx = malloc((size_t)T * sizeof(float));
     for (int64_t t = 0; t < T; t++) sx[t] = quantize_i16(NULL, x + t * I, I, xq + t * I);
@@ -381,7 +434,7 @@ void dsvl2_gemm_int8(const int8_t *Q, int64_t O, int64_t I, int64_t ldq, const u
     for (int64_t r = 0; r < O; r += 4) {
         for (int64_t t = 0; t < T; t++) {
             float d[4] = {0};
-            rows_i8(Q, ldq, scale, xq + t * I, sx[t], I, r, O, d);
+            rows_q(Q, ldq, scale, group, xq + t * I, sx[t], I, r, O, d);
             for (int j = 0; j < 4 && r + j < O; j++) y[t * O + r + j] = f32_to_bf16(d[j]);
         }
     }
@@ -389,13 +442,18 @@ void dsvl2_gemm_int8(const int8_t *Q, int64_t O, int64_t I, int64_t ldq, const u
     free(sx);
 }
 
-/* dsvl2_moe_bf16 with int8 experts: gate/up (E, I, D) int8 with scales (E, I), down (E, D, I) int8 with
- * scales (E, D), all bf16 scales; x (T, D) bf16. Scratch h (T*K*I) fp32, y (T*K*D) fp32. Rounding as
- * quant.Int8Experts: each projection rounded to bf16, SiLU and the product rounded to bf16. */
-void dsvl2_moe_int8(const uint16_t *x, int64_t T, int64_t D, const int8_t *gate, const uint16_t *gate_s,
-                           const int8_t *up, const uint16_t *up_s, const int8_t *down, const uint16_t *down_s,
-                           int64_t I, const int64_t *idx, const float *w, int64_t K, float *h, float *y,
-                           uint16_t *out) {
+/* dsvl2_moe_bf16 with quantized experts: gate/up (E, I, D) int8 with scales (E, I), down (E, D, I) int8
+ * with scales (E, D) (groups 0), or int4 packed (E, I, D / 2), (E, D, I / 2) with scales (E, I, D / group),
+ * (E, D, I / group_down); all bf16 scales; x (T, D) bf16. Scratch h (T*K*I) fp32, y (T*K*D) fp32. Rounding as
+ * quant.QuantExperts: each projection rounded to bf16, SiLU and the product rounded to bf16. */
+void dsvl2_moe_int8(const uint16_t *x, int64_t T, int64_t D, const void *gate, const uint16_t *gate_s,
+                    const void *up, const uint16_t *up_s, const void *down, const uint16_t *down_s,
+                    int64_t I, const int64_t *idx, const float *w, int64_t K, float *h, float *y,
+                    uint16_t *out, int64_t group, int64_t group_down) {
+    /* per expert: bytes of weights and number of scales of gate/up and of down */
+    int64_t gu_ld = group ? D / 2 : D, dn_ld = group_down ? I / 2 : I;
+    int64_t gu_ns = group ? I * (D / group) : I, dn_ns = group_down ? D * (I / group_down) : D;
+    const uint8_t *gb = gate, *ub = up, *db = down;
     int64_t slots = T * K, igroups = (I + 3) / 4, dgroups = (D + 3) / 4;
     int16_t *xq = malloc((size_t)(T * D + slots * I) * sizeof(int16_t)), *hq = xq + T * D;
     float *sx = malloc((size_t)(T + slots) * sizeof(float)), *sh = sx + T;
@@ -410,8 +468,8 @@ void dsvl2_moe_int8(const uint16_t *x, int64_t T, int64_t D, const int8_t *gate,
             for (int64_t i = start[g]; i < start[g + 1]; i++) {
                 int64_t s = order[i], t = s / K;
                 float gg[4] = {0}, u[4] = {0};
-                rows_i8(gate + e * I * D, D, gate_s + e * I, xq + t * D, sx[t], D, r, I, gg);
-                rows_i8(up + e * I * D, D, up_s + e * I, xq + t * D, sx[t], D, r, I, u);
+                rows_q(gb + e * I * gu_ld, gu_ld, gate_s + e * gu_ns, group, xq + t * D, sx[t], D, r, I, gg);
+                rows_q(ub + e * I * gu_ld, gu_ld, up_s + e * gu_ns, group, xq + t * D, sx[t], D, r, I, u);
                 for (int j = 0; j < 4 && r + j < I; j++) h[s * I + r + j] = swiglu_bf16(gg[j], u[j]);
             }
         }
@@ -423,7 +481,7 @@ void dsvl2_moe_int8(const uint16_t *x, int64_t T, int64_t D, const int8_t *gate,
             for (int64_t i = start[g]; i < start[g + 1]; i++) {
                 int64_t s = order[i];
                 float d[4] = {0};
-                rows_i8(down + e * D * I, I, down_s + e * D, hq + s * I, sh[s], I, r, D, d);
+                rows_q(db + e * D * dn_ld, dn_ld, down_s + e * dn_ns, group_down, hq + s * I, sh[s], I, r, D, d);
                 for (int j = 0; j < 4 && r + j < D; j++) y[s * D + r + j] = round_bf16(d[j]);
             }
         }
@@ -442,7 +500,7 @@ void dsvl2_moe_int8(const uint16_t *x, int64_t T, int64_t D, const int8_t *gate,
  * softmax, probabilities rounded to bf16 for the product with v, fp32 sums, one bf16 rounding),
  * then the output projection. hd a multiple of 16, at most 256. Scratch: 4 * D bf16 + H * (pos + 1) fp32. */
 static void project(const void *W, const uint16_t *s, int64_t O, int64_t I, const uint16_t *x, uint16_t *y) {
-    if (s) dsvl2_gemm_int8((const int8_t *)W, O, I, I, s, x, 1, y);
+    if (s) dsvl2_gemm_int8(W, O, I, I, s, x, 1, y, 0);
     else dsvl2_gemv_bf16((const uint16_t *)W, O, I, I, x, y);
 }
 

@@ -1,0 +1,193 @@
+"""The issue-14 target table: every CPU path of one model, side by side, measured in one run.
+
+    flock /tmp/dsvl2-big.lock python bench/cpu_paths.py [--preset tiny] [--quantize none int8 int4] [--tokens 16]
+
+Full Tiny dims with random weights (built in memory as bench/decode.py's ``--preset``), one 640x480
+image (5 tiles, ~1,060-token prompt). One child process per weight dtype (bf16, int8, int4: the same
+random model, quantized in memory); in each, every plan runs on the same model and the same prompt:
+``exact`` (torch only), and the fast plan with each kernel build this CPU runs (``avx512`` native where
+present, ``avx2`` and ``generic``: on an AVX512 machine those are the portable paths *forced*, with
+torch's own kernels unchanged, not an AVX2 CPU). Printed per row:
+- batch-1 decode tokens/s (rounds interleaved across plans, after warm-up steps) and its share of the
+  bound of the weight dtype in use = read bandwidth (measured in the same process) / bytes read per token
+  (activated weights + the KV cache); the bf16 and int8 bounds of the same model are printed beside;
+- vision (5 tiles) + prefill seconds under that plan, against the fp32 torch time of the same GEMM shapes
+  (every linear and grouped-expert product that vision + prefill run, recorded by hooks, replayed as
+  fp32 ``torch.matmul`` on random data): the target is <= 2x;
+and int4 / int8 decode per plan. The CPU model and the load average are printed first and last.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/decode.py
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import decode as bench  # noqa: E402  (bench/decode.py: random model, machine numbers, bytes per token)
+
+from dsvl2.generation.generate import decode_one_token, prefill  # noqa: E402
+from dsvl2.model import cpu_kernels  # noqa: E402
+from dsvl2.model.cache import make_cache  # noqa: E402
+from dsvl2.model.moe import Experts  # noqa: E402
+from dsvl2.model.plan import EXACT, Plan, apply  # noqa: E402
+from dsvl2.model.quant import Int4Experts, Int8Experts  # noqa: E402
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def record_gemms(model, run) -> list[tuple[int, int, int]]:
+    """(rows, in, out) of every weight product ``run()`` makes: linears, and routed experts as one product
+    per expert with an even share of the (token, slot) rows."""
+    shapes: list[tuple[int, int, int]] = []
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            hooks.append(m.register_forward_hook(
+                lambda mod, args, out: shapes.append((args[0].numel() // mod.in_features, mod.in_features,
+                                                      mod.out_features))))
+        elif hasattr(m, "weight_int8") or hasattr(m, "weight_int4"):
+            hooks.append(m.register_forward_hook(
+                lambda mod, args, out: shapes.append((args[0].numel() // args[0].shape[-1], args[0].shape[-1],
+                                                      out.shape[-1]))))
+        elif isinstance(m, Experts | Int8Experts | Int4Experts):
+            def experts(mod, args, out):
+                x, idx = args[0], args[1]
+                e, d, i = mod.gate_proj.shape[0], x.shape[-1], mod.gate_proj.shape[1]
+                rows = max(1, x.shape[0] * idx.shape[1] // e)
+                shapes.extend([(rows, d, i), (rows, d, i), (rows, i, d)] * e)
+            hooks.append(m.register_forward_hook(experts))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def fp32_gemm_seconds(shapes: list[tuple[int, int, int]]) -> float:
+    """Best of two: the fp32 ``torch.matmul`` time of ``shapes`` on random data (weights reused per shape)."""
+    cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    for s in set(shapes):
+        cache[s] = (torch.randn(s[0], s[1]), torch.randn(s[1], s[2]))
+
+    def run():
+        for s in shapes:
+            a, b = cache[s]
+            torch.matmul(a, b)
+    return bench.best(run, 2)
+
+
+def child(a: argparse.Namespace) -> None:
+    torch.set_num_threads(a.threads)
+    quantize = None if a.child == "none" else a.child
+    out: dict = {"quantize": a.child, "loadavg_start": os.getloadavg()[0]}
+    out.update(bench._read_and_copy())
+    pipe = bench.random_pipeline(a.preset, None, torch.bfloat16, torch.device("cpu"), None, quantize)
+    model, lc = pipe.model, pipe.model.cfg.language_config
+    conv = [{"role": "user", "content": "<image>\nWhich bar is the highest?", "images": [bench.sample_image()]}]
+    batch = pipe.processor(conv)
+    batch.input_ids = batch.input_ids.remainder(lc.vocab_size)
+    n_tiles = int(sum(1 + w * h for w, h in batch.images_spatial_crop[0].tolist() if w))
+    mask = batch.attention_mask.bool()
+    t = batch.input_ids.shape[1]
+    cache = make_cache(lc, 1, t + a.rounds * a.tokens + 8, model.dtype, "cpu")
+    plans = {"exact": EXACT} | {isa: Plan(kernels=isa, fused_attention=True) for isa in cpu_kernels.cpu_isas()}
+
+    def vision_prefill():
+        with torch.no_grad():
+            embeds = model.prepare_inputs_embeds(batch.input_ids, batch.images, batch.images_seq_mask,
+                                                 batch.images_spatial_crop)
+            cache.length = 0
+            return prefill(model, embeds, mask, cache)
+
+    apply(model, EXACT)
+    shapes = record_gemms(model, vision_prefill)
+    out.update(tiles=n_tiles, prompt_tokens=t, gemm_count=len(shapes), fp32_gemm_s=fp32_gemm_seconds(shapes))
+    rows = {}
+    for name, plan in plans.items():
+        apply(model, plan)
+        t0 = time.perf_counter()
+        logits = vision_prefill()
+        rows[name] = {"vision_prefill_s": time.perf_counter() - t0, "rates": []}
+    token = logits.argmax(-1)
+    for _ in range(a.rounds):  # decode rounds interleaved across plans, each from the same prompt cache
+        for name, plan in plans.items():
+            apply(model, plan)
+            cache.length = t
+            m = torch.cat([mask, torch.ones(1, 2 + a.tokens, dtype=torch.bool)], dim=1)
+            tok = token
+            with torch.no_grad():
+                for i in range(2 + a.tokens):
+                    if i == 2:
+                        t0 = time.perf_counter()
+                    tok = decode_one_token(model, tok, m[:, :t + i + 1], cache, None, False).argmax(-1)
+            rows[name]["rates"].append(a.tokens / (time.perf_counter() - t0))
+    kv = cache.bytes_per_token * (t + a.tokens // 2)
+    out["bytes_per_token"] = bench.weight_bytes_per_token(pipe, 1) + kv
+    out["rows"] = {k: {"decode_tok_s": max(v["rates"]), "vision_prefill_s": v["vision_prefill_s"]}
+                   for k, v in rows.items()}
+    out["loadavg_end"] = os.getloadavg()[0]
+    print(json.dumps(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--quantize", nargs="+", default=["none", "int8", "int4"])
+    ap.add_argument("--tokens", type=int, default=16, help="timed decode steps per round")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child(a)
+    print(f"CPU: {cpu_name()}; host kernel builds {cpu_kernels.cpu_isas()}; threads {a.threads}; "
+          f"loadavg {os.getloadavg()}; torch {torch.__version__}; machine shared with other jobs")
+    res = {}
+    for q in a.quantize:
+        cmd = [sys.executable, __file__, "--child", q, "--preset", a.preset, "--tokens", str(a.tokens),
+               "--rounds", str(a.rounds), "--threads", str(a.threads)]
+        res[q] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    bf16 = res.get("none")
+    print(f"read bandwidth (GB/s, per child): " + ", ".join(f"{q} {r['read_GBps']:.1f}" for q, r in res.items()))
+    if bf16:
+        print(f"bytes per decoded token: " + ", ".join(f"{q} {r['bytes_per_token'] / 1e9:.3f} GB" for q, r in res.items())
+              + f"; vision {bf16['tiles']} tiles + prefill {bf16['prompt_tokens']} tokens: {bf16['gemm_count']} GEMMs, "
+              f"fp32 torch time of the same shapes {bf16['fp32_gemm_s']:.1f} s")
+    print("| weights | plan | decode tok/s | bound (this dtype) | % of bound | bf16 bound | int8 bound | "
+          "vision+prefill s | / fp32 same-shape GEMMs |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for q, r in res.items():
+        bound = r["read_GBps"] * 1e9 / r["bytes_per_token"]
+        b16 = res["none"]["read_GBps"] * 1e9 / res["none"]["bytes_per_token"] if "none" in res else float("nan")
+        b8 = res["int8"]["read_GBps"] * 1e9 / res["int8"]["bytes_per_token"] if "int8" in res else float("nan")
+        for name, row in r["rows"].items():
+            label = name if name in ("exact", "avx512") else f"{name} (forced)" if "avx512" in r["rows"] else name
+            print(f"| {'bf16' if q == 'none' else q} | {label} | {row['decode_tok_s']:.2f} | {bound:.1f} | "
+                  f"{100 * row['decode_tok_s'] / bound:.0f} % | {b16:.1f} | {b8:.1f} | {row['vision_prefill_s']:.1f} | "
+                  f"{row['vision_prefill_s'] / r['fp32_gemm_s']:.2f}x |")
+    if "int8" in res and "int4" in res:
+        print("int4 / int8 decode: " + ", ".join(
+            f"{k} {res['int4']['rows'][k]['decode_tok_s'] / res['int8']['rows'][k]['decode_tok_s']:.2f}x"
+            for k in res["int8"]["rows"]))
+    print(f"loadavg at the end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
