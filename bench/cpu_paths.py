@@ -4,10 +4,12 @@
 
 Full Tiny dims with random weights (built in memory as bench/decode.py's ``--preset``), one 640x480
 image (5 tiles, ~1,060-token prompt). One child process per weight dtype (bf16, int8, int4: the same
-random model, quantized in memory); in each, every plan runs on the same model and the same prompt:
-``exact`` (torch only), and the fast plan with each kernel build this CPU runs (``avx512`` native where
-present, ``avx2`` and ``generic``: on an AVX512 machine those are the portable paths *forced*, with
-torch's own kernels unchanged, not an AVX2 CPU). Printed per row:
+random model, quantized in memory) and per machine: ``native`` (this CPU as it is) and ``portable``
+(an AVX2-only CPU emulated: ``DSVL2_CPU_ISA=avx2`` for dsvl2's kernels and ``ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2`` for torch's, so bf16 GEMMs lose their native support as on AMD Zen 3; the memory
+system stays this machine's). In each child two plans run on the same model and prompt: ``exact`` (torch
+only) and ``fast`` (what ``dsvl2.load`` resolves there; on the portable machine that includes fp32
+GEMMs for vision and prefill). Printed per row:
 - batch-1 decode tokens/s (rounds interleaved across plans, after warm-up steps) and its share of the
   bound of the weight dtype in use = read bandwidth (measured in the same process) / bytes read per token
   (activated weights + the KV cache); the bf16 and int8 bounds of the same model are printed beside;
@@ -40,7 +42,7 @@ from dsvl2.generation.generate import decode_one_token, prefill  # noqa: E402
 from dsvl2.model import cpu_kernels  # noqa: E402
 from dsvl2.model.cache import make_cache  # noqa: E402
 from dsvl2.model.moe import Experts  # noqa: E402
-from dsvl2.model.plan import EXACT, Plan, apply  # noqa: E402
+from dsvl2.model.plan import EXACT, apply, resolve  # noqa: E402
 from dsvl2.model.quant import Int4Experts, Int8Experts  # noqa: E402
 
 
@@ -107,7 +109,9 @@ def child(a: argparse.Namespace) -> None:
     mask = batch.attention_mask.bool()
     t = batch.input_ids.shape[1]
     cache = make_cache(lc, 1, t + a.rounds * a.tokens + 8, model.dtype, "cpu")
-    plans = {"exact": EXACT} | {isa: Plan(kernels=isa, fused_attention=True) for isa in cpu_kernels.cpu_isas()}
+    fast = resolve("cpu", torch.bfloat16)
+    out["plan"] = fast.describe()
+    plans = {"exact": EXACT, "fast": fast}
 
     def vision_prefill():
         with torch.no_grad():
@@ -150,6 +154,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--quantize", nargs="+", default=["none", "int8", "int4"])
+    ap.add_argument("--machines", nargs="+", default=["native", "portable"])
     ap.add_argument("--tokens", type=int, default=16, help="timed decode steps per round")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
@@ -159,33 +164,37 @@ def main() -> None:
         return child(a)
     print(f"CPU: {cpu_name()}; host kernel builds {cpu_kernels.cpu_isas()}; threads {a.threads}; "
           f"loadavg {os.getloadavg()}; torch {torch.__version__}; machine shared with other jobs")
+    envs = {"native": {}, "portable": {"DSVL2_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
+                                       "ONEDNN_MAX_CPU_ISA": "AVX2"}}
     res = {}
-    for q in a.quantize:
-        cmd = [sys.executable, __file__, "--child", q, "--preset", a.preset, "--tokens", str(a.tokens),
-               "--rounds", str(a.rounds), "--threads", str(a.threads)]
-        res[q] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-    bf16 = res.get("none")
-    print(f"read bandwidth (GB/s, per child): " + ", ".join(f"{q} {r['read_GBps']:.1f}" for q, r in res.items()))
-    if bf16:
-        print(f"bytes per decoded token: " + ", ".join(f"{q} {r['bytes_per_token'] / 1e9:.3f} GB" for q, r in res.items())
-              + f"; vision {bf16['tiles']} tiles + prefill {bf16['prompt_tokens']} tokens: {bf16['gemm_count']} GEMMs, "
-              f"fp32 torch time of the same shapes {bf16['fp32_gemm_s']:.1f} s")
-    print("| weights | plan | decode tok/s | bound (this dtype) | % of bound | bf16 bound | int8 bound | "
+    for machine in a.machines:
+        for q in a.quantize:
+            cmd = [sys.executable, __file__, "--child", q, "--preset", a.preset, "--tokens", str(a.tokens),
+                   "--rounds", str(a.rounds), "--threads", str(a.threads)]
+            text = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                  env={**os.environ, **envs[machine]}).stdout
+            res[machine, q] = json.loads(text.splitlines()[-1])
+            r = res[machine, q]
+            print(f"{machine} {q}: fast plan = {r['plan']}; read {r['read_GBps']:.1f} GB/s; "
+                  f"{r['bytes_per_token'] / 1e9:.3f} GB read per token; vision {r['tiles']} tiles + prefill "
+                  f"{r['prompt_tokens']} tokens = {r['gemm_count']} GEMMs, {r['fp32_gemm_s']:.1f} s in fp32 torch; "
+                  f"loadavg {r['loadavg_start']:.2f} -> {r['loadavg_end']:.2f}", flush=True)
+    print("| machine | weights | plan | decode tok/s | bound (this dtype) | % of bound | bf16 bound | int8 bound | "
           "vision+prefill s | / fp32 same-shape GEMMs |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for q, r in res.items():
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (machine, q), r in res.items():
         bound = r["read_GBps"] * 1e9 / r["bytes_per_token"]
-        b16 = res["none"]["read_GBps"] * 1e9 / res["none"]["bytes_per_token"] if "none" in res else float("nan")
-        b8 = res["int8"]["read_GBps"] * 1e9 / res["int8"]["bytes_per_token"] if "int8" in res else float("nan")
+        other = {k: res.get((machine, k)) for k in ("none", "int8")}
+        b16, b8 = (o["read_GBps"] * 1e9 / o["bytes_per_token"] if o else float("nan") for o in other.values())
         for name, row in r["rows"].items():
-            label = name if name in ("exact", "avx512") else f"{name} (forced)" if "avx512" in r["rows"] else name
-            print(f"| {'bf16' if q == 'none' else q} | {label} | {row['decode_tok_s']:.2f} | {bound:.1f} | "
+            print(f"| {machine} | {'bf16' if q == 'none' else q} | {name} | {row['decode_tok_s']:.2f} | {bound:.1f} | "
                   f"{100 * row['decode_tok_s'] / bound:.0f} % | {b16:.1f} | {b8:.1f} | {row['vision_prefill_s']:.1f} | "
                   f"{row['vision_prefill_s'] / r['fp32_gemm_s']:.2f}x |")
-    if "int8" in res and "int4" in res:
-        print("int4 / int8 decode: " + ", ".join(
-            f"{k} {res['int4']['rows'][k]['decode_tok_s'] / res['int8']['rows'][k]['decode_tok_s']:.2f}x"
-            for k in res["int8"]["rows"]))
+    for machine in a.machines:
+        if (machine, "int8") in res and (machine, "int4") in res:
+            i8, i4 = res[machine, "int8"]["rows"], res[machine, "int4"]["rows"]
+            print(f"{machine}: int4 / int8 decode: " + ", ".join(
+                f"{k} {i4[k]['decode_tok_s'] / i8[k]['decode_tok_s']:.2f}x" for k in i8))
     print(f"loadavg at the end {os.getloadavg()}")
 
 

@@ -69,3 +69,41 @@ def test_fast_plan_greedy_answers_of_the_trained_demo_model():
     same = sum(exact.complete(c, max_new_tokens=8).token_ids == fast.complete(c, max_new_tokens=8).token_ids
                for c in convs)
     assert same >= 11, f"{same}/12"
+
+
+def test_wide_gemms_where_the_cpu_lacks_native_bf16(monkeypatch):
+    """Forced portable kernels stand for a CPU without native bf16: the plan widens many-row GEMMs to fp32."""
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, "avx2")
+    assert resolve("cpu", torch.bfloat16).wide_gemms
+    assert not resolve("cpu", torch.float32).wide_gemms
+    if "avx512" in cpu_kernels.cpu_isas():
+        monkeypatch.setenv(cpu_kernels.ISA_ENV, "avx512")
+        assert not resolve("cpu", torch.bfloat16).wide_gemms
+
+
+@pytest.mark.parametrize("variant", ["mha", "mla"])
+def test_wide_gemm_prefill_is_bf16_close_to_the_exact_path(variant, monkeypatch):
+    """fp32 GEMMs (weights widened per layer / expert) round where the bf16 GEMMs round: the prefill logits
+    agree to bf16 accuracy, and the widened forms did run (vision, linears, experts)."""
+    from toy import toy_batch, toy_model
+
+    from dsvl2.generation.generate import prefill
+    from dsvl2.model.cache import make_cache
+    from dsvl2.model.moe import Experts
+    from dsvl2.model.plan import apply
+
+    model = toy_model(variant, seed=3, dtype=torch.bfloat16)
+    ids, mask, tiles, seq_mask, crop = toy_batch(model, seed=4, lengths=(30,))
+    calls = []
+    monkeypatch.setattr(Experts, "_per_expert_wide", lambda self, r, c, f=Experts._per_expert_wide:
+                        calls.append(1) or f(self, r, c))
+    out = []
+    for plan in (EXACT, Plan(wide_gemms=True)):
+        apply(model, plan)
+        with torch.no_grad():
+            embeds = model.prepare_inputs_embeds(ids, tiles.bfloat16(), seq_mask, crop)
+            cache = make_cache(model.cfg.language_config, 1, embeds.shape[1], model.dtype, "cpu")
+            out.append(prefill(model, embeds, mask, cache))
+    assert calls
+    assert torch.nn.functional.cosine_similarity(out[0][0], out[1][0], dim=0) > 0.999
+    torch.testing.assert_close(out[1], out[0], rtol=0.05, atol=0.05 * float(out[0].abs().max()))

@@ -34,14 +34,24 @@ class RMSNorm(nn.Module):
         return self.weight * y.to(dtype)
 
 
+def wide(x: torch.Tensor, plan: Plan) -> bool:
+    """Whether ``x``'s GEMM runs widened to fp32 under ``plan`` (``wide_gemms``: bf16, more than
+    ``cpu_kernels.MOE_MAX_TOKENS`` rows)."""
+    return plan.wide_gemms and x.dtype == torch.bfloat16 and x.numel() > cpu_kernels.MOE_MAX_TOKENS * x.shape[-1]
+
+
 def linear(x: torch.Tensor, layer: nn.Module, plan: Plan = EXACT) -> torch.Tensor:
     """``layer(x)`` for a bias-free linear layer (``nn.Linear`` or ``Int8Linear``), fastest kernel chosen.
 
     A single bf16/fp16 row on CPU goes through ``torch.mv``: the same fp32-accumulated dot products as
     ``F.linear``'s GEMM path (bit-identical, tested) but ~1.4x faster per byte of weight on this CPU
     (bench/decode.py); under a plan with ``kernels`` it goes through dsvl2's GEMV instead. Everything
-    else is ``layer(x)`` (an ``Int8Linear`` included, which follows its own plan).
+    else is ``layer(x)`` (an ``Int8Linear`` included, which follows its own plan), or under a plan with
+    ``wide_gemms`` a many-row product in fp32 with the weight widened for the call.
     """
+    if type(layer) is nn.Linear and wide(x, plan):
+        b = layer.bias
+        return F.linear(x.float(), layer.weight.float(), None if b is None else b.float()).to(x.dtype)
     if (type(layer) is nn.Linear and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
             and x.numel() == x.shape[-1] and layer.bias is None):
         if cpu_kernels.usable(plan.kernels, x, layer.weight) and layer.weight.stride(-1) == 1:  # dsvl2's GEMV

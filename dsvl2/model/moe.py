@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 from ..config import LanguageConfig
 from . import cpu_kernels
 from .plan import EXACT, Plan
-from .layers import MLP
+from .layers import MLP, wide
 
 
 class Router(nn.Module):
@@ -154,7 +154,9 @@ class Experts(nn.Module):
         if (x.shape[0] <= cpu_kernels.MOE_MAX_TOKENS and cpu_kernels.usable(isa, x, self.gate_proj)
                 and not parametrize.is_parametrized(self)):  # the fused decode kernel
             return cpu_kernels.moe(x, self.gate_proj, self.up_proj, self.down_proj, idx, weight, isa)
-        if not grouped_mm_supported(x):
+        if wide(x, self.plan) and not parametrize.is_parametrized(self):
+            run = self._per_expert_wide  # no native bf16 here: fp32, one expert's weights widened at a time
+        elif not grouped_mm_supported(x):
             run = self._gathered if capturing() else self._per_expert  # no host sync inside a CUDA graph
         elif self._column_form_ok(x):
             run = self._grouped_columns  # decode on CPU: at most N rows per expert
@@ -211,6 +213,18 @@ class Experts(nn.Module):
         for e, c in enumerate(counts.tolist()):
             if c:
                 outs.append(self.expert(e, rows[start:start + c]))
+                start += c
+        return torch.cat(outs, dim=0)
+
+    def _per_expert_wide(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """``_per_expert`` with each GEMM in fp32 (weights widened per expert), rounded where it rounds."""
+        outs, start, dt = [], 0, rows.dtype
+        for e, c in enumerate(counts.tolist()):
+            if c:
+                r = rows[start:start + c].float()
+                g = F.linear(r, self.gate_proj[e].float()).to(dt)
+                u = F.linear(r, self.up_proj[e].float()).to(dt)
+                outs.append(F.linear((F.silu(g) * u).float(), self.down_proj[e].float()).to(dt))
                 start += c
         return torch.cat(outs, dim=0)
 

@@ -9,7 +9,10 @@ Entries:
 - ``kernels``: which build of dsvl2's C kernels (``cpu_kernels.ISAS``) runs batch-1 decode (GEMV, fused
   experts, MHA / MLA step, RMSNorm, router) and the vision tower's tanh-GELU, or None (torch only);
 - ``fused_attention``: attention through SDPA in prefill and decode, MLA's prefill in the decompressed
-  form (torch's flash kernels; faster on long prompts).
+  form (torch's flash kernels; faster on long prompts);
+- ``wide_gemms``: on a CPU without native bf16 dot products, the GEMMs of more than
+  ``cpu_kernels.MOE_MAX_TOKENS`` rows (vision, prefill) compute in fp32, the weights widened one layer
+  (one expert) at a time and kept in their stored dtype: torch's bf16 GEMM there is emulated, ~5x slower.
 Both are bf16-close, not bit-identical, to the reference; ``EXACT`` (``dsvl2.load(..., exact=True)``,
 ``--exact``) turns every one off: the path the parity tests hold to the official numbers. A future
 entry (a CUDA-graph decode step, say) is one more field here and one more line in :func:`resolve`.
@@ -30,6 +33,7 @@ from . import cpu_kernels
 class Plan:
     kernels: str | None = None  # build of the C kernels (cpu_kernels.ISAS) or None
     fused_attention: bool = False  # SDPA prefill / decode, decompressed-MLA prefill
+    wide_gemms: bool = False  # GEMMs of many rows in fp32 (CPUs without native bf16)
     why: tuple[str, ...] = ()  # one line per entry: what was chosen and the reason
 
     def __post_init__(self) -> None:
@@ -39,14 +43,14 @@ class Plan:
     @property
     def exact(self) -> bool:
         """Whether every op runs its reference form."""
-        return self.kernels is None and not self.fused_attention
+        return self.kernels is None and not self.fused_attention and not self.wide_gemms
 
     def replace(self, **changes: object) -> Plan:
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict[str, object]:
         return {"exact": self.exact, "kernels": self.kernels, "fused_attention": self.fused_attention,
-                "why": list(self.why)}
+                "wide_gemms": self.wide_gemms, "why": list(self.why)}
 
     def describe(self) -> str:
         return "; ".join(self.why) if self.why else ("exact (reference path)" if self.exact else str(self))
@@ -69,7 +73,10 @@ def resolve(device: torch.device | str, dtype: torch.dtype, exact: bool = False)
     else:
         kernels, reason = cpu_kernels.host_isa()
         why.append(f"kernels: {kernels} ({reason})" if kernels else f"kernels: none ({reason})")
-    return Plan(kernels=kernels, fused_attention=True, why=tuple(why))
+    wide = device.type == "cpu" and dtype == torch.bfloat16 and kernels not in (None, "avx512")
+    if wide:
+        why.append("GEMMs of many rows (vision, prefill) in fp32, weights widened per layer (no native bf16 here)")
+    return Plan(kernels=kernels, fused_attention=True, wide_gemms=wide, why=tuple(why))
 
 
 def apply(model: nn.Module, plan: Plan) -> nn.Module:

@@ -41,10 +41,10 @@ from torch import nn
 
 from ..errors import InputError
 from . import cpu_kernels
+from .layers import linear, wide  # noqa: F401  (linear re-exported: the single-row fast path lives in layers)
+from .moe import Experts, dispatch
 from .plan import EXACT, Plan, plan_of
 from .plan import apply as apply_plan
-from .layers import linear  # noqa: F401  (re-exported: the single-row fast path lives in layers)
-from .moe import Experts, dispatch
 
 QUANTIZE_MODES = ("int8", "int4")
 INT4_GROUP = 64  # input columns per int4 scale
@@ -72,8 +72,9 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[to
     return q.view(w.shape), scale.view(w.shape[:-1])
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernels: str | None = None) -> torch.Tensor:
-    """x (..., I), q (O, I) int8, scale (O,) in x's dtype -> (..., O) in x's dtype (``kernels``: a plan's build)."""
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, plan: Plan = EXACT) -> torch.Tensor:
+    """x (..., I), q (O, I) int8, scale (O,) in x's dtype -> (..., O) in x's dtype, as ``plan`` says."""
+    kernels = plan.kernels
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     if 0 < rows <= cpu_kernels.MOE_MAX_TOKENS and q.stride(-1) == 1 and cpu_kernels.usable_int8(kernels, x, q, scale):
@@ -81,6 +82,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernels: 
     if x.device.type == "cpu" and k % 16 == 0 and 0 < rows <= KERNEL_MAX_ROWS:
         y = torch._weight_int8pack_mm(x.reshape(rows, k).contiguous(), q, scale)  # (rows, O)
         return y.view(*x.shape[:-1], q.shape[0])
+    if wide(x, plan):
+        return (F.linear(x.float(), q.float()) * scale.float()).to(x.dtype)
     return F.linear(x, q.to(x.dtype)) * scale
 
 
@@ -123,12 +126,15 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (v.to(scale.dtype) * scale.unsqueeze(-1)).flatten(-2)
 
 
-def int4_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernels: str | None = None) -> torch.Tensor:
+def int4_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, plan: Plan = EXACT) -> torch.Tensor:
     """x (..., I), packed int4 q (O, I / 2), scales (O, I / group) in x's dtype -> (..., O) in x's dtype."""
+    kernels = plan.kernels
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     if 0 < rows <= cpu_kernels.MOE_MAX_TOKENS and cpu_kernels.usable(kernels, x, scale) and q.device.type == "cpu":
         return cpu_kernels.gemm_int8(q, scale, x.reshape(rows, k), kernels).view(*x.shape[:-1], q.shape[0])
+    if wide(x, plan):
+        return F.linear(x.float(), dequantize_int4(q, scale.float())).to(x.dtype)
     return F.linear(x, dequantize_int4(q, scale.float()).to(x.dtype))  # q * s rounded once
 
 
@@ -168,7 +174,7 @@ class Int8Linear(nn.Module):
         return Int8Weight(self.weight_int8.shape, self.weight_scale.dtype, self.weight_int8.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight_int8, self.weight_scale, self.plan.kernels)
+        return int8_linear(x, self.weight_int8, self.weight_scale, self.plan)
 
 
 class Int8Experts(nn.Module):
@@ -212,9 +218,10 @@ class Int8Experts(nn.Module):
         for e, c in enumerate(counts.tolist()):
             if c:
                 r = rows[start:start + c]
-                h = (F.silu(int8_linear(r, self.gate_proj_int8[e], self.gate_proj_scale[e]))
-                     * int8_linear(r, self.up_proj_int8[e], self.up_proj_scale[e]))
-                outs.append(int8_linear(h, self.down_proj_int8[e], self.down_proj_scale[e]))
+                p = self.plan
+                h = (F.silu(int8_linear(r, self.gate_proj_int8[e], self.gate_proj_scale[e], p))
+                     * int8_linear(r, self.up_proj_int8[e], self.up_proj_scale[e], p))
+                outs.append(int8_linear(h, self.down_proj_int8[e], self.down_proj_scale[e], p))
                 start += c
         return torch.cat(outs, dim=0)
 
@@ -238,7 +245,7 @@ class Int4Linear(nn.Module):
         return Int4Weight(torch.Size((q.shape[0], 2 * q.shape[1])), self.weight_scale.dtype, q.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int4_linear(x, self.weight_int4, self.weight_scale, self.plan.kernels)
+        return int4_linear(x, self.weight_int4, self.weight_scale, self.plan)
 
 
 class Int4Experts(nn.Module):
@@ -278,7 +285,7 @@ class Int4Experts(nn.Module):
         for e, c in enumerate(counts.tolist()):
             if c:
                 r = rows[start:start + c]
-                k = self.plan.kernels
+                k = self.plan
                 h = F.silu(int4_linear(r, gq[e], gs[e], k)) * int4_linear(r, uq[e], us[e], k)
                 outs.append(int4_linear(h, dq[e], ds[e], k))
                 start += c

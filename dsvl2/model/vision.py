@@ -16,6 +16,7 @@ from torch import nn
 from ..config import VisionConfig
 from ..errors import InputError
 from . import cpu_kernels
+from .layers import linear
 from .plan import EXACT, Plan
 
 
@@ -30,6 +31,8 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
+    plan: Plan = EXACT  # set per model by plan.apply
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.heads = cfg.heads
@@ -38,10 +41,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, c = x.shape
-        qkv = self.qkv(x).reshape(n, t, 3, self.heads, c // self.heads)  # (N, T, 3, H, D)
+        qkv = linear(x, self.qkv, self.plan).reshape(n, t, 3, self.heads, c // self.heads)  # (N, T, 3, H, D)
         q, k, v = qkv.unbind(2)  # each (N, T, H, D)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (N, H, T, D)
-        return self.proj(o.transpose(1, 2).reshape(n, t, c))
+        return linear(o.transpose(1, 2).reshape(n, t, c), self.proj, self.plan)
 
 
 class Mlp(nn.Module):
@@ -53,9 +56,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
+        h = linear(x, self.fc1, self.plan)
         g = cpu_kernels.gelu_tanh(h, self.plan.kernels) if self.plan.kernels else None  # bf16 CPU inference
-        return self.fc2(F.gelu(h, approximate="tanh") if g is None else g)
+        return linear(F.gelu(h, approximate="tanh") if g is None else g, self.fc2, self.plan)
 
 
 class Block(nn.Module):
