@@ -26,7 +26,7 @@ browser:
 
 # The kernel and fast-path tests run again on the portable builds of dsvl2's CPU kernels (avx2 with
 # torch's own AVX2 kernels, as on an AVX2-only CPU; generic), whatever CPU this is (docs/performance.md).
-PORTABLE_TESTS := tests/test_cpu_kernels.py tests/test_fast_inference.py tests/test_plan.py
+PORTABLE_TESTS := tests/test_cpu_kernels.py tests/test_cpu_builds.py tests/test_fast_inference.py tests/test_plan.py
 
 test: setup browser
 	$(BIN)/python -m pytest -q

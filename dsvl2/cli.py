@@ -43,7 +43,8 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--preset", choices=["tiny", "small", "base", "toy"], help="a built-in config instead")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--context", type=int, default=None, help="tokens of KV cache to budget (default: the context limit)")
-    parser.add_argument("--device", default=None, help="device the plan is resolved for (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None,
+                        help="device the plan is resolved for (default: cuda if available, else cpu)")
     parser.add_argument("--exact", action="store_true", help="show the exact plan (every op in its reference form)")
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
                         help="memory of the weight-only quantized language model (as dsvl2.load(quantize=...))")

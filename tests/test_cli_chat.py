@@ -166,7 +166,7 @@ def test_quantize_flag_loads_an_int8_model(golden_dir: Path, image: Path, pipe: 
     assert cli_serve.chat_main(args, out=io.StringIO()) == 0
     assert any(isinstance(m, Int8Linear) for m in loaded[0].model.modules())
     with pytest.raises(SystemExit):  # an unknown mode is refused by the parser, naming the choices
-        parse(cli_serve.add_chat_arguments, ["--quantize", "int4", "q"])
+        parse(cli_serve.add_chat_arguments, ["--quantize", "int3", "q"])
 
 
 def test_chat_budget_and_truncate_flags_reach_the_pipeline(cached: ScriptedPipeline, tmp_path: Path) -> None:

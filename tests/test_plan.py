@@ -33,7 +33,8 @@ def pairs(golden_dir):
     out = {}
     for s in STRUCTURES:
         ckpt = golden_dir / "checkpoints" / s
-        out[s] = (dsvl2.load(ckpt, dtype="bf16", device="cpu", exact=True), dsvl2.load(ckpt, dtype="bf16", device="cpu"))
+        out[s] = (dsvl2.load(ckpt, dtype="bf16", device="cpu", exact=True),
+                  dsvl2.load(ckpt, dtype="bf16", device="cpu"))
     return out
 
 

@@ -91,7 +91,8 @@ def prefill_chunk(model: DSVL2, inputs_embeds: torch.Tensor, attention_mask: tor
 
 @torch.no_grad()
 def decode_one_token(model: DSVL2, tokens: torch.Tensor, attention_mask: torch.Tensor,
-                     cache: LatentCache | KVCache, fused: bool | None = None, padded: bool | None = None) -> torch.Tensor:
+                     cache: LatentCache | KVCache, fused: bool | None = None,
+                     padded: bool | None = None) -> torch.Tensor:
     """tokens (B,) at the next position; ``attention_mask`` (B, past+1) already includes them.
 
     ``fused``: attention through SDPA (``forward_expanded``), bf16-close instead of the reference's

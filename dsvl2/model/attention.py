@@ -160,7 +160,8 @@ class MLA(nn.Module):
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         b, s, _ = x.shape
-        q = linear(x, self.q_proj, self.plan).view(b, s, self.heads, self.nope + self.rope).transpose(1, 2)  # (B, H, S, 192)
+        q = linear(x, self.q_proj, self.plan).view(b, s, self.heads, self.nope + self.rope)
+        q = q.transpose(1, 2)  # (B, H, S, 192)
         q_nope, q_pe = torch.split(q, [self.nope, self.rope], dim=-1)
         a = linear(x, self.kv_a_proj_with_mqa, self.plan)  # (B, S, r + rope)
         latent, k_pe = torch.split(a, [self.rank, self.rope], dim=-1)

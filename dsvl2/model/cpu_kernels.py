@@ -117,7 +117,8 @@ def _load(isa: str) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(_compile(isa)))
         _declare(lib)
         if lib.dsvl2_build() != ISAS[::-1].index(isa):
-            raise OSError(f"{SOURCE.name} built for {isa} reports build {lib.dsvl2_build()} (compiler ignored the flags?)")
+            raise OSError(f"{SOURCE.name} built for {isa} reports build {lib.dsvl2_build()} "
+                          "(the compiler ignored the flags?)")
     except OSError as e:
         _state["errors"][isa] = str(e)
         raise

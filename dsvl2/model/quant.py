@@ -227,7 +227,8 @@ class Int8Experts(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """A bias-free ``nn.Linear`` with int4 weights: ``weight_int4`` (O, I / 2) uint8, ``weight_scale`` (O, I / group)."""
+    """A bias-free ``nn.Linear`` with int4 weights: ``weight_int4`` (O, I / 2) uint8, ``weight_scale``
+    (O, I / group)."""
 
     plan: Plan = EXACT  # set per model by plan.apply
 
