@@ -41,9 +41,7 @@ import decode as bench  # noqa: E402  (bench/decode.py: random model, machine nu
 from dsvl2.generation.generate import decode_one_token, prefill  # noqa: E402
 from dsvl2.model import cpu_kernels  # noqa: E402
 from dsvl2.model.cache import make_cache  # noqa: E402
-from dsvl2.model.moe import Experts  # noqa: E402
 from dsvl2.model.plan import EXACT, apply, resolve  # noqa: E402
-from dsvl2.model.quant import Int4Experts, Int8Experts  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -53,33 +51,35 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def record_gemms(model, run) -> list[tuple[int, int, int]]:
-    """(rows, in, out) of every weight product ``run()`` makes: linears, and routed experts as one product
-    per expert with an even share of the (token, slot) rows."""
-    shapes: list[tuple[int, int, int]] = []
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
-            hooks.append(m.register_forward_hook(
-                lambda mod, args, out: shapes.append((args[0].numel() // mod.in_features, mod.in_features,
-                                                      mod.out_features))))
-        elif hasattr(m, "weight_int8") or hasattr(m, "weight_int4"):
-            hooks.append(m.register_forward_hook(
-                lambda mod, args, out: shapes.append((args[0].numel() // args[0].shape[-1], args[0].shape[-1],
-                                                      out.shape[-1]))))
-        elif isinstance(m, Experts | Int8Experts | Int4Experts):
-            def experts(mod, args, out):
-                x, idx = args[0], args[1]
-                e, d, i = mod.gate_proj.shape[0], x.shape[-1], mod.gate_proj.shape[1]
-                rows = max(1, x.shape[0] * idx.shape[1] // e)
-                shapes.extend([(rows, d, i), (rows, d, i), (rows, i, d)] * e)
-            hooks.append(m.register_forward_hook(experts))
-    try:
+class RecordGemms(torch.overrides.TorchFunctionMode):
+    """Inside: the (rows, in, out) of every weight product: ``F.linear`` calls (modules, the plan's widened
+    fp32 forms, dequantized int8 / int4), and ``torch._grouped_mm`` (the experts' grouped GEMMs) as one product
+    per expert with an even share of the rows. Whatever form the plan picks, the same shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, int, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x, w = args[0], args[1]
+            self.shapes.append((x.numel() // x.shape[-1], w.shape[1], w.shape[0]))
+        elif func is getattr(torch, "_grouped_mm", None):
+            a, b = args[0], args[1]
+            if a.dim() == 2 and b.dim() == 3:  # rows (N, D) @ weights (E, D, O): the row form
+                e = b.shape[0]
+                self.shapes.extend([(max(1, a.shape[0] // e), b.shape[1], b.shape[2])] * e)
+            elif a.dim() == 3:  # the column form: weights (E, O, D) @ columns (D, N)
+                e = a.shape[0]
+                self.shapes.extend([(max(1, b.shape[-1] // e), a.shape[2], a.shape[1])] * e)
+        return func(*args, **kwargs)
+
+
+def record_gemms(run) -> list[tuple[int, int, int]]:
+    with RecordGemms() as rec:
         run()
-    finally:
-        for h in hooks:
-            h.remove()
-    return shapes
+    return rec.shapes
 
 
 def fp32_gemm_seconds(shapes: list[tuple[int, int, int]]) -> float:
@@ -125,12 +125,12 @@ def child(a: argparse.Namespace) -> None:
         apply(model, plan)
         t0 = time.perf_counter()
         if name == "fast":
-            shapes = record_gemms(model, vision_prefill)  # hooks: negligible next to the GEMMs
+            shapes = record_gemms(vision_prefill)  # the interception costs little next to the GEMMs
             logits = cache.logits
-        elif quantize is None:
+        elif quantize is None and a.exact_prefill:
             vision_prefill()
-        rows[name] = {"vision_prefill_s": time.perf_counter() - t0 if name == "fast" or quantize is None
-                      else float("nan"), "rates": []}
+        rows[name] = {"vision_prefill_s": time.perf_counter() - t0 if name == "fast" or (
+            quantize is None and a.exact_prefill) else float("nan"), "rates": []}
     out.update(tiles=n_tiles, prompt_tokens=t, gemm_count=len(shapes), fp32_gemm_s=fp32_gemm_seconds(shapes))
     token = logits.argmax(-1)
     for _ in range(a.rounds):  # decode rounds interleaved across plans, each from the same prompt cache
@@ -158,6 +158,8 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--quantize", nargs="+", default=["none", "int8", "int4"])
     ap.add_argument("--machines", nargs="+", default=["native", "portable"])
+    ap.add_argument("--no-exact-prefill", dest="exact_prefill", action="store_false",
+                    help="skip the exact plan's vision + prefill (minutes on the emulated AVX2 machine)")
     ap.add_argument("--tokens", type=int, default=16, help="timed decode steps per round")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
@@ -173,7 +175,8 @@ def main() -> None:
     for machine in a.machines:
         for q in a.quantize:
             cmd = [sys.executable, __file__, "--child", q, "--preset", a.preset, "--tokens", str(a.tokens),
-                   "--rounds", str(a.rounds), "--threads", str(a.threads)]
+                   "--rounds", str(a.rounds), "--threads", str(a.threads)] + ([] if a.exact_prefill else
+                                                                               ["--no-exact-prefill"])
             text = subprocess.run(cmd, check=True, capture_output=True, text=True,
                                   env={**os.environ, **envs[machine]}).stdout
             res[machine, q] = json.loads(text.splitlines()[-1])
