@@ -6,7 +6,8 @@ For each layer count N, a random checkpoint of the preset's dims with N language
 (bench/make_checkpoint.py; DeepSeek-VL2-Base has layer 0 dense and layers 1.. MoE), then a child process
 loads it with ``dsvl2.load(dtype="bf16", quantize="int4")``, answers one image question (4 greedy tokens,
 batch 1, the default plan) and reports its peak RSS. The growth from the smaller to the larger N is one MoE
-layer; the full model's peak is the larger run plus that growth for each missing layer. Printed beside
+layer; the full model's load peak is the larger run plus that growth for each missing layer, and the
+answer's working set (peak after answering minus peak after loading, larger run) is added once. Beside
 ``dsvl2 info --quantize int4``'s estimate. Run under ``flock /tmp/dsvl2-big.lock`` on a shared machine.
 """
 
@@ -64,9 +65,13 @@ def main() -> None:
         if not a.keep:
             shutil.rmtree(ckpt)
     lo, hi = a.layers
-    per_layer = (runs[hi]["peak"] - runs[lo]["peak"]) / (hi - lo)
-    scaled = runs[hi]["peak"] + (full - hi) * per_layer
-    print(f"per MoE layer {per_layer / 1e9:.3f} GB -> {full} layers: peak RSS ~{scaled / 1e9:.1f} GB (scaled)")
+    # loading grows by one MoE layer's int4 bytes per layer; answering adds a working set on top (vision
+    # activations, prefill temporaries) that does not grow with the layers: taken from the larger run
+    per_layer = (runs[hi]["peak_after_load"] - runs[lo]["peak_after_load"]) / (hi - lo)
+    load = runs[hi]["peak_after_load"] + (full - hi) * per_layer
+    answer = max(0, runs[hi]["peak"] - runs[hi]["peak_after_load"])
+    print(f"per MoE layer {per_layer / 1e9:.3f} GB -> {full} layers: load peak ~{load / 1e9:.1f} GB, with the "
+          f"answer's working set (+{answer / 1e9:.2f} GB) ~{(load + answer) / 1e9:.1f} GB (scaled)")
     info = subprocess.run([sys.executable, "-m", "dsvl2.cli", "info", "--preset", a.preset, "--quantize", "int4",
                            "--json"], check=True, capture_output=True, text=True).stdout
     est = json.loads(info)
