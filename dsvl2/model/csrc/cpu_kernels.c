@@ -363,16 +363,17 @@ static float quantize_i16(const float *x, const uint16_t *xb, int64_t n, int16_t
  * scale per row and group. The same int16 activations as int8: per group an exact int32 sum of the
  * unpacked weights times x (VPMADDWD), scaled by the group's scale in fp32. Plain C for every build. */
 #define MAX_GROUP 256
-static inline void unpack_i4(const uint8_t *b, int64_t half, int16_t *v) {
+static inline void unpack_i4(const uint8_t *restrict b, int64_t half, int16_t *restrict v) {
     for (int64_t j = 0; j < half; j++) {
         v[j] = (int16_t)((b[j] & 15) - 8);
         v[j + half] = (int16_t)((b[j] >> 4) - 8);
     }
 }
 
-static inline void dot4_i4(const uint8_t *w0, const uint8_t *w1, const uint8_t *w2, const uint8_t *w3,
-                           const uint16_t *s0, const uint16_t *s1, const uint16_t *s2, const uint16_t *s3,
-                           const int16_t *x, int64_t n, int64_t group, int64_t ahead, float out[4]) {
+__attribute__((always_inline)) static inline void dot4_i4_group(
+    const uint8_t *w0, const uint8_t *w1, const uint8_t *w2, const uint8_t *w3, const uint16_t *s0,
+    const uint16_t *s1, const uint16_t *s2, const uint16_t *s3, const int16_t *x, int64_t n, const int64_t group,
+    int64_t ahead, float out[4]) {
     float f0 = 0.0f, f1 = 0.0f, f2 = 0.0f, f3 = 0.0f;
     int16_t v0[MAX_GROUP], v1[MAX_GROUP], v2[MAX_GROUP], v3[MAX_GROUP];
     int64_t half = group / 2;
@@ -400,6 +401,14 @@ static inline void dot4_i4(const uint8_t *w0, const uint8_t *w1, const uint8_t *
         f3 += bf16_to_f32(s3[g]) * (float)a3;
     }
     out[0] = f0, out[1] = f1, out[2] = f2, out[3] = f3;
+}
+
+/* dot4_i4_group with the group size a constant where it is the usual one (fixed trip counts: unrolled). */
+static inline void dot4_i4(const uint8_t *w0, const uint8_t *w1, const uint8_t *w2, const uint8_t *w3,
+                           const uint16_t *s0, const uint16_t *s1, const uint16_t *s2, const uint16_t *s3,
+                           const int16_t *x, int64_t n, int64_t group, int64_t ahead, float out[4]) {
+    if (group == 64) dot4_i4_group(w0, w1, w2, w3, s0, s1, s2, s3, x, n, 64, ahead, out);
+    else dot4_i4_group(w0, w1, w2, w3, s0, s1, s2, s3, x, n, group, ahead, out);
 }
 
 /* rows [r, r+4) of y = (Q x) * sx in fp32 for quantized rows: int8 with one bf16 scale per row (group 0;
