@@ -35,6 +35,7 @@ from .constraints import LogitsProcessor, apply_processors
 from .generate import GenerateArgs, prefill_chunk
 from .sampling import sample
 from .static import SlotCache, StepRunner, batch_bucket, window_bucket
+from ..model.plan import plan_of
 from ..model.vlm import DSVL2, positions_from_mask
 
 _ids = itertools.count()
@@ -182,7 +183,7 @@ class Scheduler:
         start = seq.prefilled
         end = min(start + chunk, t)
         mask = torch.ones(1, t, dtype=torch.bool, device=device)
-        expanded = seq.args.expanded_prefill or seq.args.fused_attention
+        expanded = plan_of(model).fused_attention  # the model's execution plan (SDPA / decompressed MLA)
         hidden = prefill_chunk(model, seq._embeds, mask, positions_from_mask(mask), self.cache.row(seq.slot, start),
                                start, end, expanded)
         seq.prefilled = end

@@ -31,7 +31,7 @@ from ..config import LanguageConfig
 from ..errors import InputError
 from ..model.cache import KVCache, LatentCache, make_cache
 from ..model.llm import causal_mask
-from ..model.quant import linear
+from ..model.plan import plan_of
 from ..model.vlm import DSVL2
 from .generate import decode_one_token
 
@@ -111,17 +111,20 @@ class StepCache:
 
 
 @torch.no_grad()
-def static_decode_step(model: DSVL2, tokens: torch.Tensor, cache: StepCache, fused: bool = False) -> torch.Tensor:
+def static_decode_step(model: DSVL2, tokens: torch.Tensor, cache: StepCache,
+                       fused: bool | None = None) -> torch.Tensor:
     """tokens (B,) at positions ``cache.pos`` -> fp32 logits (B, V); the cache gets their entries.
 
-    The body of ``decode_one_token`` with a per-row length mask in place of the grown attention mask.
+    The body of ``decode_one_token`` with a per-row length mask in place of the grown attention mask;
+    ``fused`` None (default) = the model plan's ``fused_attention``.
     """
+    fused = plan_of(model).fused_attention if fused is None else fused
     pos = cache.pos
     embeds = model.language.model.embed_tokens(tokens[:, None])  # (B, 1, D)
     valid = torch.arange(cache.window, device=pos.device)[None, :] <= pos[:, None]  # (B, W)
     mask = causal_mask(valid, cache.window - 1, 1, embeds.dtype, padded=True)  # (B, 1, 1, W)
     hidden = model.language.model(embeds, pos[:, None], mask, cache, fused)
-    return linear(hidden, model.language.lm_head).float()[:, -1]
+    return model.language.logits(hidden)[:, -1]  # lm_head as the plan runs it, then fp32
 
 
 class StepRunner:
@@ -134,8 +137,9 @@ class StepRunner:
     buffer, overwritten by the next replay. Elsewhere the step runs eagerly.
     """
 
-    def __init__(self, model: DSVL2, cache: SlotCache, graphs: bool = True, fused: bool = False):
-        self.model, self.cache, self.fused = model, cache, fused
+    def __init__(self, model: DSVL2, cache: SlotCache, graphs: bool = True, fused: bool | None = None):
+        self.model, self.cache = model, cache
+        self.fused = plan_of(model).fused_attention if fused is None else fused  # the model's plan by default
         self.graphs = graphs and cache.lengths.device.type == "cuda"
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
