@@ -106,7 +106,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side (best of)")
     p.add_argument("--transformers-python", default=None, help="python of a transformers >= 5.23 venv")
     p.add_argument("--golden", default=str(ROOT.parent / "shared" / "golden"))
-    p.add_argument("--cpu-kernels", action="store_true", help="dsvl2 side: its AVX512 decode kernels")
+    p.add_argument("--exact", action="store_true", help="dsvl2 side: the exact plan instead of the fast default")
     p.add_argument("--quantize", choices=["int8"], default=None, help="dsvl2 side: int8 language model")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -119,8 +119,8 @@ def main() -> None:
     import dsvl2
 
     t = time.perf_counter()
-    pipe = dsvl2.load(directory, dtype="bf16", device="cpu", quantize=a.quantize, cpu_kernels=a.cpu_kernels)
-    print(f"dsvl2 options: quantize={a.quantize}, cpu_kernels={a.cpu_kernels}")
+    pipe = dsvl2.load(directory, dtype="bf16", device="cpu", quantize=a.quantize, exact=a.exact)
+    print(f"dsvl2 options: quantize={a.quantize}, plan: {pipe.plan.describe()}")
     load_s = time.perf_counter() - t
     page = synthetic_page(a.dpi, directory / "page.pdf")
     t = time.perf_counter()

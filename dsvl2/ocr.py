@@ -244,8 +244,9 @@ def add_ocr_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-repeat-window", type=int, default=90)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--device", default=None)
-    parser.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only language model")
-    parser.add_argument("--cpu-kernels", action="store_true", help="dsvl2's AVX512 decode kernels (bf16-close)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only language model")
+    parser.add_argument("--exact", action="store_true",
+                        help="every op in its reference form instead of the fast plan for this machine")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -255,8 +256,7 @@ def ocr_main(args: argparse.Namespace) -> int:
     opts = OCRArgs(prompt=args.prompt, dpi=args.dpi, batch_size=args.batch_size,
                    max_new_tokens=args.max_new_tokens, keep_boxes=args.keep_boxes,
                    no_repeat_ngram=args.no_repeat_ngram, no_repeat_window=args.no_repeat_window)
-    pipe = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                cpu_kernels=args.cpu_kernels)
+    pipe = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, exact=args.exact)
     bar = None if args.quiet else _progress_bar()
     try:
         written = run_ocr(pipe, args.inputs, args.out, opts, bar)
