@@ -244,7 +244,7 @@ def add_ocr_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-repeat-window", type=int, default=90)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--device", default=None)
-    parser.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only language model")
+    parser.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only language model")
     parser.add_argument("--exact", action="store_true",
                         help="every op in its reference form instead of the fast plan for this machine")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
