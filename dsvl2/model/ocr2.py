@@ -23,7 +23,7 @@ from ..errors import InputError
 from ..processing.ocr2 import OCR2Images, num_image_tokens
 from .llm import CausalLM
 from .ocr2_vision import build_encoders
-from .vlm import DSVL2
+from .vlm import DSVL2, splice_images
 
 
 class LinearProjector(nn.Module):
@@ -111,15 +111,4 @@ class DeepseekOCR2(nn.Module):
             return embeds
         if not isinstance(images, OCR2Images):
             raise InputError(f"DeepSeek-OCR 2 takes OCR2Images (global views + tiles), got {type(images).__name__}")
-        rows = []
-        for b, pieces in enumerate(self.image_vectors(images, images_spatial_crop)):
-            if not pieces:
-                rows.append(embeds[b])
-                continue
-            vectors = torch.cat(pieces, dim=0)
-            mask = images_seq_mask[b].bool()
-            if int(mask.sum()) != vectors.shape[0]:
-                raise InputError(f"batch row {b}: {int(mask.sum())} image positions in images_seq_mask but its "
-                                 f"images need {vectors.shape[0]} vectors")
-            rows.append(embeds[b].masked_scatter(mask.unsqueeze(-1), vectors.to(embeds.dtype)))
-        return torch.stack(rows, dim=0)
+        return splice_images(embeds, self.image_vectors(images, images_spatial_crop), images_seq_mask)

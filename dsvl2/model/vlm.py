@@ -85,26 +85,16 @@ class DSVL2(nn.Module):
         tokens = self.encode_tiles(torch.cat(tiles, dim=0))  # (N, g*g, D)
         grid = self.cfg.grid
         start = 0
-        rows = []
-        for b, row in enumerate(grids):
+        rows: list[list[torch.Tensor]] = []
+        for row in grids:
             pieces = []
             for nw, nh in row:
                 piece = self.layout_image(tokens[start:start + 1 + nw * nh], nw, nh)
                 start += 1 + nw * nh
                 assert piece.shape[0] == num_image_tokens(nw, nh, grid), "layout disagrees with processing.layout"
                 pieces.append(piece)
-            if not pieces:
-                rows.append(embeds[b])
-                continue
-            vectors = torch.cat(pieces, dim=0)
-            mask = images_seq_mask[b].bool()
-            if int(mask.sum()) != vectors.shape[0]:
-                raise InputError(
-                    f"batch row {b}: {int(mask.sum())} image positions in images_seq_mask but the images "
-                    f"{row} need {vectors.shape[0]} vectors"
-                )
-            rows.append(embeds[b].masked_scatter(mask.unsqueeze(-1), vectors.to(embeds.dtype)))
-        return torch.stack(rows, dim=0)
+            rows.append(pieces)
+        return splice_images(embeds, rows, images_seq_mask)
 
     # ---- full forward (training, scoring) --------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -132,3 +122,22 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """``cumsum(mask) - 1`` with pads at 1, as transformers' generate (left padding safe)."""
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.masked_fill(~attention_mask.bool(), 1)
+
+
+def splice_images(embeds: torch.Tensor, pieces: list[list[torch.Tensor]],
+                  images_seq_mask: torch.Tensor | None) -> torch.Tensor:
+    """``embeds`` (B, T, D) with row b's image vectors ``pieces[b]`` (one (n_i, D) tensor per image, in
+    order) written at its ``<image>`` positions; the position count must equal the vectors' count."""
+    rows = []
+    for b, row in enumerate(pieces):
+        if not row:
+            rows.append(embeds[b])
+            continue
+        vectors = torch.cat(row, dim=0)
+        mask = images_seq_mask[b].bool()
+        if int(mask.sum()) != vectors.shape[0]:
+            sizes = [int(v.shape[0]) for v in row]
+            raise InputError(f"batch row {b}: {int(mask.sum())} image positions in images_seq_mask but its images "
+                             f"need {vectors.shape[0]} vectors ({sizes})")
+        rows.append(embeds[b].masked_scatter(mask.unsqueeze(-1), vectors.to(embeds.dtype)))
+    return torch.stack(rows, dim=0)
