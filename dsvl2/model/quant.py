@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, UsageError
 from . import cpu_kernels
 from .layers import linear, wide  # noqa: F401  (linear re-exported: the single-row fast path lives in layers)
 from .moe import Experts, dispatch
@@ -139,7 +139,7 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, plan: Pla
 
 
 class Int8Weight(torch.Tensor):
-    """Shape, dtype and device of a quantized weight, without its values: any operation raises RuntimeError."""
+    """Shape, dtype and device of a quantized weight, without its values: any operation raises UsageError."""
 
     @staticmethod
     def __new__(cls, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Self:
@@ -147,7 +147,7 @@ class Int8Weight(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        raise RuntimeError(f"{func}: this weight is int8-quantized; call its module (or load without quantize=)")
+        raise UsageError(f"{func}: this weight is int8-quantized; call its module (or load without quantize=)")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
@@ -156,7 +156,7 @@ class Int8Weight(torch.Tensor):
 class Int4Weight(Int8Weight):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        raise RuntimeError(f"{func}: this weight is int4-quantized; call its module (or load without quantize=)")
+        raise UsageError(f"{func}: this weight is int4-quantized; call its module (or load without quantize=)")
 
 
 class Int8Linear(nn.Module):

@@ -81,6 +81,11 @@ class DSVL2(nn.Module):
         if images is None or images_spatial_crop is None or int(images_spatial_crop.sum()) == 0:
             return embeds
         grids = self.image_grids(images_spatial_crop)
+        for b, row in enumerate(grids):  # user input: the model's own layout is asserted below
+            need = sum(1 + nw * nh for nw, nh in row)
+            if any(nw < 0 or nh < 0 for nw, nh in row) or need > images.shape[1]:
+                raise InputError(f"batch row {b}: images_spatial_crop {row} needs {need} tiles (one global + "
+                                 f"nw*nh local per image, no negative counts) but images holds {images.shape[1]}")
         tiles = [images[b, : sum(1 + nw * nh for nw, nh in row)] for b, row in enumerate(grids)]
         tokens = self.encode_tiles(torch.cat(tiles, dim=0))  # (N, g*g, D)
         grid = self.cfg.grid

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw, ImageFont
 
+from dsvl2.errors import InputError
+
 REF, REF_END, DET, DET_END, GROUNDING = "<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>"
 _TAG = re.compile(r"<\|/?(?:ref|det)\|>")
 _INNER_LIST = re.compile(r"\[([^\[\]]*)\]")
@@ -149,9 +151,14 @@ def parse_grounding(text: str) -> GroundingResult:
 def _box_coords(box: Box | Sequence[int]) -> list[int]:
     if isinstance(box, Box):
         return [box.x1, box.y1, box.x2, box.y2]
-    coords = [int(v) for v in box]
+    try:
+        coords = [int(v) for v in box]
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"a box is 4 integer coordinates in 0-999, got {box!r}") from exc
     if len(coords) != 4:
-        raise ValueError(f"a box needs 4 coordinates, got {len(coords)}: {box}")
+        raise InputError(f"a box needs 4 coordinates, got {len(coords)}: {box}")
+    if not all(0 <= v <= 999 for v in coords):
+        raise InputError(f"box coordinates must be in 0-999 (the model's scale), got {box}")
     return coords
 
 

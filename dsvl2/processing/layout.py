@@ -16,6 +16,8 @@ the projector:
 
 import math
 
+from dsvl2.errors import ConfigError, InputError
+
 
 def tile_grid(image_size: int, patch_size: int, downsample_ratio: int) -> int:
     """Side of one tile's token grid after the projector: ceil((S // patch) / downsample).
@@ -24,7 +26,7 @@ def tile_grid(image_size: int, patch_size: int, downsample_ratio: int) -> int:
     (384 // 14 = 27) and the projector pads the odd grid before its 2x2 unfold, hence the ceil.
     """
     if image_size <= 0 or patch_size <= 0 or downsample_ratio <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"tile_grid needs positive sizes, got image_size={image_size}, "
             f"patch_size={patch_size}, downsample_ratio={downsample_ratio}"
         )
@@ -37,5 +39,5 @@ def num_image_tokens(nw: int, nh: int, grid: int) -> int:
     grid 14: 1x1 -> 421, 2x2 -> 1023, 3x2 (nw=3, nh=2) -> 1415.
     """
     if nw < 1 or nh < 1 or grid < 1:
-        raise ValueError(f"num_image_tokens needs nw, nh, grid >= 1, got nw={nw}, nh={nh}, grid={grid}")
+        raise InputError(f"num_image_tokens needs nw, nh, grid >= 1, got nw={nw}, nh={nh}, grid={grid}")
     return grid * (grid + 1) + 1 + grid * nh * (grid * nw + 1)

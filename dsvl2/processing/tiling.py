@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dsvl2.errors import InputError
+from dsvl2.errors import ConfigError, InputError
 
 
 def select_best_resolution(size: tuple[int, int], candidates: Sequence[Sequence[int]]) -> tuple[int, int]:
@@ -29,9 +29,10 @@ def select_best_resolution(size: tuple[int, int], candidates: Sequence[Sequence[
     """
     width, height = size
     if width <= 0 or height <= 0:
-        raise ValueError(f"select_best_resolution needs a positive image size, got {width}x{height}")
+        raise InputError(f"select_best_resolution needs a positive image size, got {width}x{height}")
     if not candidates:
-        raise ValueError("select_best_resolution needs at least one candidate resolution")
+        raise ConfigError("select_best_resolution needs at least one candidate resolution "
+                          "(candidate_resolutions in processor_config.json is empty)")
     best: tuple[int, int] | None = None
     max_effective = 0
     min_wasted = float("inf")
@@ -41,7 +42,9 @@ def select_best_resolution(size: tuple[int, int], candidates: Sequence[Sequence[
         wasted = cw * ch - effective
         if effective > max_effective or (effective == max_effective and wasted < min_wasted):
             max_effective, min_wasted, best = effective, wasted, (int(cw), int(ch))
-    assert best is not None  # every candidate has effective > 0 unless the image is degenerate
+    if best is None:  # every candidate scales one side of a very thin image to 0 pixels
+        raise InputError(f"image {width}x{height} is too thin for every candidate resolution "
+                         f"{[tuple(c) for c in candidates]}: it would scale to 0 pixels")
     return best
 
 
@@ -106,8 +109,9 @@ def tile_image(
     else:
         best_w, best_h = image_size, image_size
     if best_w % image_size or best_h % image_size:
-        raise ValueError(
-            f"candidate resolution {best_w}x{best_h} is not a multiple of the tile size {image_size}"
+        raise ConfigError(
+            f"candidate resolution {best_w}x{best_h} is not a multiple of the tile size {image_size} "
+            f"(candidate_resolutions / image_size in processor_config.json)"
         )
     tiles = [pad_to(image, (image_size, image_size), color)]
     local = pad_to(image, (best_w, best_h), color)
@@ -129,7 +133,7 @@ def normalize(
     to the per-tile official loop). ``mean=None`` skips the normalisation (``normalize: false``).
     """
     if not tiles:
-        raise ValueError("normalize needs at least one tile")
+        raise InputError("normalize needs at least one tile, got 0")
     rgb = [t if t.mode == "RGB" else t.convert("RGB") for t in tiles]
     pixels = np.stack([np.asarray(t, dtype=np.uint8) for t in rgb])  # (N, S, S, 3)
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(torch.float32).div(255)  # (N, 3, S, S)
