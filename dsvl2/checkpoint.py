@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -193,6 +193,14 @@ def _weight_files(directory: Path) -> list[Path]:
 
 
 # ---- loading ----------------------------------------------------------------------------------------
+def check_device(device: str | torch.device) -> None:
+    """Raise :class:`InputError` naming ``device`` unless tensors can be made on it here."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError) as exc:  # unknown name; CUDA missing (torch asserts)
+        raise InputError(f"device {str(device)!r} is not usable here: {exc}") from exc
+
+
 def load_model(directory: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                progress: Callable[[int, int], None] | None = None, quantize: str | None = None):
     """Build the model of ``directory/config.json`` and fill it from the safetensors files, strictly.
@@ -206,6 +214,7 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.bfloat16, devic
     from .model import quant
 
     quant.check_mode(quantize)
+    check_device(device)
 
     directory = Path(directory)
     if not directory.is_dir():

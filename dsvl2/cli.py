@@ -11,7 +11,7 @@ import importlib
 import json
 import sys
 
-from .errors import DSVL2Error
+from .errors import EXIT_FAILURE, EXIT_HELP, EXIT_USAGE, run_command
 
 EXAMPLES = {
     "chat": "dsvl2 chat --image photo.png \"What is in this picture?\"      # shipped demo model\n"
@@ -127,16 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dsvl2", description="DeepSeek-VL2 in plain PyTorch: chat, ground, serve, evaluate, train.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  " + "\n  ".join(EXAMPLES[c] for c in ("chat", "ground", "serve", "info")),
+        epilog="examples:\n  " + "\n  ".join(EXAMPLES[c] for c in ("chat", "ground", "serve", "info"))
+               + "\n\n" + EXIT_HELP,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, add, main, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog="example:\n  " + EXAMPLES[name],
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog="example:\n  " + EXAMPLES[name],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         try:
             getattr(importlib.import_module(module), add)(p)
         except ImportError as e:  # an optional extra is missing: say which, at run time
             p.set_defaults(_missing=str(e))
+        p.epilog = f"{p.epilog}\n\n{EXIT_HELP}"
         p.set_defaults(_main=(module, main))
     return parser
 
@@ -146,19 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
-        return 2
-    if getattr(args, "_missing", None):
+        return EXIT_USAGE
+    if getattr(args, "_missing", None):  # a correct command this installation cannot run
         print(f"dsvl2 {args.command}: {args._missing} (install the extra, e.g. pip install 'dsvl2[serve]')",
               file=sys.stderr)
-        return 2
+        return EXIT_FAILURE
     module, func = args._main
-    try:
-        return int(getattr(importlib.import_module(module), func)(args) or 0)
-    except DSVL2Error as e:
-        print(f"dsvl2 {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command(f"dsvl2 {args.command}", getattr(importlib.import_module(module), func), args)
 
 
 if __name__ == "__main__":

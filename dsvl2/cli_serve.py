@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import DSVL2Error
+from .errors import EXIT_FAILURE, EXIT_HELP, EXIT_USAGE, DSVL2Error, run_command
 from .generation.generate import GenerateArgs
 from .pipeline import Completion, Pipeline, load
 from .processing.grounding import draw_boxes, parse_grounding
@@ -111,9 +111,9 @@ def _load(args: argparse.Namespace) -> Pipeline:
                     exact=args.exact, quantize=args.quantize)
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, status: int = EXIT_USAGE) -> int:
     print(f"error: {message}", file=sys.stderr)
-    return 2
+    return status
 
 
 # ---- serve ---------------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def serve_main(args: argparse.Namespace) -> int:
 
         from .serving.app import create_app
     except ImportError as exc:
-        return _fail(f"{exc.name} is missing; install the server extra: pip install 'dsvl2[serve]'")
+        return _fail(f"{exc.name} is missing; install the server extra: pip install 'dsvl2[serve]'", EXIT_FAILURE)
 
     serve = ServeArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeArgs)})
     if serve.host not in ("127.0.0.1", "localhost", "::1") and not serve.api_key:
@@ -332,14 +332,14 @@ def ground_main(args: argparse.Namespace, out: IO[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m dsvl2.cli_serve serve|chat|ground ...`` (``dsvl2/cli.py`` is the real entry point)."""
-    parser = argparse.ArgumentParser(prog="dsvl2")
+    parser = argparse.ArgumentParser(prog="dsvl2", epilog=EXIT_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, add, run in (("serve", add_serve_arguments, serve_main), ("chat", add_chat_arguments, chat_main),
                            ("ground", add_ground_arguments, ground_main)):
         add(sub.add_parser(name, help=(run.__doc__ or "").splitlines()[0]))
         sub.choices[name].set_defaults(run=run)
     args = parser.parse_args(argv)
-    return args.run(args)
+    return run_command(f"dsvl2 {args.command}", args.run, args)
 
 
 if __name__ == "__main__":

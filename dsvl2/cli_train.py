@@ -21,6 +21,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from dsvl2.errors import EXIT_HELP, run_command
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json")
 
 
@@ -173,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsvl2 train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="example: dsvl2 train --stage 3 --preset toy --tokenizer TOKDIR "
-                                            "--data conversations.jsonl --out /tmp/run --steps 3")
+                                            "--data conversations.jsonl --out /tmp/run --steps 3\n\n" + EXIT_HELP)
     add_train_arguments(parser)
-    return train_main(parser.parse_args(argv))
+    return run_command("dsvl2 train", train_main, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

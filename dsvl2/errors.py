@@ -4,15 +4,26 @@ Every problem a user can cause (a bad file, a wrong key, a shape that does not f
 exceeded) raises a subclass of :class:`DSVL2Error` whose message names the file, key, shape or limit,
 so nobody has to read a traceback from deep inside torch.
 
-Exit codes of every ``dsvl2`` command (``dsvl2 --help`` states them): :data:`EXIT_USAGE` (2) for a
-usage or input error (a bad flag, which argparse reports, or any :class:`DSVL2Error`),
-:data:`EXIT_FAILURE` (1) for a runtime failure (anything else: out of memory, a disk error, a bug;
-the traceback is printed), 130 on Ctrl-C.
+Exit status of every ``dsvl2`` command (:data:`EXIT_HELP` is what ``dsvl2 --help`` prints):
+:data:`EXIT_USAGE` (2) when the command line or its inputs are wrong (a bad flag, which argparse
+reports, or any :class:`DSVL2Error`: fix the command); :data:`EXIT_FAILURE` (1) when a correct command
+could not complete here (an optional extra not installed, out of memory, a disk error, a bug: the
+traceback is printed); 130 on Ctrl-C. :func:`run_command` applies it.
 """
+
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_HELP = ("exit status:\n"
+             "  0    success\n"
+             "  2    usage or input error: a bad flag, file or value (the message names it)\n"
+             "  1    runtime failure: a missing optional extra, out of memory, a disk error, a bug (traceback shown)\n"
+             "  130  interrupted (Ctrl-C)")
 
 
 class DSVL2Error(Exception):
@@ -41,3 +52,18 @@ class ContextLengthError(InputError):
 
 class UsageError(DSVL2Error, RuntimeError):
     """An object used in a way it does not support, e.g. reading the values of a quantized weight."""
+
+
+def run_command(prog: str, main: Callable[[Any], int | None], args: Any) -> int:
+    """``main(args)`` with the exit-status policy of the module docstring; errors go to stderr."""
+    try:
+        return int(main(args) or 0)
+    except DSVL2Error as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception:  # noqa: BLE001  (the policy: anything else is a runtime failure, shown in full)
+        traceback.print_exc()
+        print(f"{prog}: runtime failure (see the traceback above)", file=sys.stderr)
+        return EXIT_FAILURE

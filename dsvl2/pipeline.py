@@ -13,7 +13,8 @@ placeholders than images is an error.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,8 @@ class Pipeline:
         """Normalise ``messages`` (+ ``images`` for the last user turn) into processor messages."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
+        if not isinstance(messages, Sequence) or not all(isinstance(m, Mapping) for m in messages):
+            raise InputError(f"messages must be a string or a list of message dicts, got {str(messages)[:80]!r}")
         conv = [dict(m) for m in messages]
         if not conv:
             raise InputError("messages is empty")
@@ -139,6 +142,8 @@ class Pipeline:
     def prepare(self, conversations: Sequence[list[dict[str, Any]]], image_token_budget: int | None = None,
                 truncate: str | None = None, limit: int | None = None) -> Batch:
         """Process conversations into one batch, each checked against the context (see :meth:`fit`)."""
+        if truncate not in (None, "oldest"):
+            raise InputError(f"truncate must be None or 'oldest', got {truncate!r}")
         convs = [list(c) for c in conversations]
         batch = self.processor(convs, image_token_budget=image_token_budget)
         lengths = batch.attention_mask.sum(-1).tolist()
@@ -181,6 +186,10 @@ class Pipeline:
         rule (20-grams within 90 tokens, ``<td>`` / ``</td>`` exempt) unless ``no_repeat_ngram`` is given."""
         if isinstance(self.model, DeepseekOCR2) and "no_repeat_ngram" not in gen:
             gen = {**gen, **OCR_NO_REPEAT, "no_repeat_whitelist": self.table_token_ids()}
+        unknown = sorted(set(gen) - {f.name for f in dataclasses.fields(GenerateArgs)})
+        if unknown:
+            raise InputError(f"unknown generation setting(s) {unknown}; the fields of GenerateArgs are "
+                             f"{[f.name for f in dataclasses.fields(GenerateArgs)]}")
         return GenerateArgs(**gen)
 
     def table_token_ids(self) -> tuple[int, ...]:

@@ -253,7 +253,7 @@ def test_cli_entry_points(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     assert loads == [("M", "fp32", "cpu")]
     assert "| chartqa | test | relaxed accuracy x 100 | 4 | 75.00 |" in capsys.readouterr().out
-    assert main(argv[:5] + [str(tmp_path / "missing.tsv")] + argv[6:]) == 1
+    assert main(argv[:5] + [str(tmp_path / "missing.tsv")] + argv[6:]) == 2  # an input error
     assert "missing.tsv" in capsys.readouterr().err
 
 

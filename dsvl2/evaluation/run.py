@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from dsvl2.errors import DSVL2Error, InputError
+from dsvl2.errors import EXIT_HELP, EXIT_USAGE, DSVL2Error, InputError, run_command
 from dsvl2.evaluation.report import draw_grounding, guess_size, markdown, paper_table
 from dsvl2.evaluation.tasks import PAPER_SUITE, TASKS, Example, Task, get_task
 
@@ -269,13 +269,15 @@ def eval_main(args: argparse.Namespace) -> int:
             print(markdown(summary), end="")
     except DSVL2Error as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m dsvl2.evaluation``: the same flags as ``dsvl2 eval``."""
-    parser = argparse.ArgumentParser(prog="dsvl2 eval", description="Evaluate a model on a benchmark.")
+    parser = argparse.ArgumentParser(prog="dsvl2 eval", description="Evaluate a model on a benchmark.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_arguments(parser)
-    return eval_main(parser.parse_args(argv))
+    parser.epilog = f"{parser.epilog}\n\n{EXIT_HELP}"
+    return run_command("dsvl2 eval", eval_main, parser.parse_args(argv))
 

@@ -12,6 +12,7 @@ each op takes (SDPA attention, dsvl2's CPU kernels) is the model's execution pla
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,13 @@ from ..model.vlm import DSVL2, positions_from_mask
 from .constraints import LogitsProcessor, apply_processors
 from .norepeat import NoRepeatNGram
 from .sampling import SamplingParams, sample
+
+
+_FIELD_KINDS = {"max_new_tokens": numbers.Integral, "temperature": numbers.Real, "top_p": numbers.Real,
+                "top_k": numbers.Integral, "repetition_penalty": numbers.Real, "seed": numbers.Integral,
+                "chunk_size": numbers.Integral, "no_repeat_ngram": numbers.Integral,
+                "no_repeat_window": numbers.Integral}
+_OPTIONAL = ("seed", "chunk_size")
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,11 @@ class GenerateArgs:
     no_repeat_whitelist: tuple[int, ...] = ()  # token ids exempt from the ban (<td>, </td>)
 
     def __post_init__(self) -> None:
+        for name, kind in _FIELD_KINDS.items():
+            value = getattr(self, name)
+            if not (value is None and name in _OPTIONAL) and (isinstance(value, bool) or not isinstance(value, kind)):
+                raise InputError(f"{name} must be {'an integer' if kind is numbers.Integral else 'a number'}"
+                                 f"{' or None' if name in _OPTIONAL else ''}, got {value!r}")
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.chunk_size is not None and self.chunk_size < 1:

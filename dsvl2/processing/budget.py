@@ -24,6 +24,7 @@ candidates and the budget. Token counts come from :func:`dsvl2.processing.layout
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 from dsvl2.errors import InputError
@@ -46,6 +47,8 @@ def layout_tokens(resolution: Sequence[int], image_size: int, grid: int) -> int:
 def allocate_resolutions(sizes: Sequence[tuple[int, int]], candidates: Sequence[Sequence[int]], image_size: int,
                          grid: int, budget: int) -> list[tuple[int, int]]:
     """The local-canvas resolution ``(width, height)`` of each image under ``budget`` image tokens."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
+        raise InputError(f"image_token_budget must be an integer, got {budget!r}")
     if not sizes:
         return []
     wanted = [select_best_resolution(s, candidates) for s in sizes]

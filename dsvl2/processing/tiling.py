@@ -42,9 +42,7 @@ def select_best_resolution(size: tuple[int, int], candidates: Sequence[Sequence[
         wasted = cw * ch - effective
         if effective > max_effective or (effective == max_effective and wasted < min_wasted):
             max_effective, min_wasted, best = effective, wasted, (int(cw), int(ch))
-    if best is None:  # every candidate scales one side of a very thin image to 0 pixels
-        raise InputError(f"image {width}x{height} is too thin for every candidate resolution "
-                         f"{[tuple(c) for c in candidates]}: it would scale to 0 pixels")
+    assert best is not None  # the first candidate always wins against min_wasted = inf
     return best
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..errors import DSVL2Error
 from ..processing.grounding import parse_grounding
 
 ROLES = ("system", "user", "assistant")
@@ -39,8 +40,9 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 
 
-class APIError(Exception):
-    """A request that cannot be served; ``body()`` is the OpenAI error object."""
+class APIError(DSVL2Error):
+    """A request that cannot be served (status 4xx: the client's mistake, 5xx: the server's state);
+    ``body()`` is the OpenAI error object."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  type: str = "invalid_request_error") -> None:
