@@ -42,7 +42,6 @@ _DTYPES = {
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
-_OFFICIAL_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 # DeepSeek-OCR 2 (``DeepseekOCR2ForCausalLM``): everything sits under ``model.`` except ``lm_head``, the

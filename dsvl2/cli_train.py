@@ -1,6 +1,6 @@
 """``dsvl2 train``: one stage of training from a recipe, on JSONL conversation files.
 
-    dsvl2 train --stage 3 --config dsvl2/training/recipes/sft.toml --model path/to/model \\
+    dsvl2 train --stage 3 --config dsvl2/training/recipes/paper.toml --model path/to/model \\
         --data sft=train.jsonl --out runs/sft
     torchrun --nproc-per-node 2 -m dsvl2.cli train ...      # several processes, FSDP2
 

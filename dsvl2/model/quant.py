@@ -48,7 +48,7 @@ from .plan import apply as apply_plan
 
 QUANTIZE_MODES = ("int8", "int4")
 INT4_GROUP = 64  # input columns per int4 scale
-KERNEL_MAX_ROWS = 16  # _weight_int8pack_mm beats convert+GEMM up to here (bench/int8_kernels.py)
+KERNEL_MAX_ROWS = 16  # _weight_int8pack_mm beats convert+GEMM up to here (measured once; docs/performance.md)
 _CHUNK = 4096  # rows quantized at a time: keeps the fp32 temporaries small while loading
 
 

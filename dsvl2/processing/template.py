@@ -41,12 +41,6 @@ def normalize_role(role: str) -> str:
     return kind
 
 
-def canonical_role(role: str) -> str:
-    """The role name as it appears in the token ids: ``<|User|>``, ``<|Assistant|>`` or ``system``."""
-    kind = normalize_role(role)
-    return {"user": USER_ROLE, "assistant": ASSISTANT_ROLE, "system": "system"}[kind]
-
-
 def render(turns: Sequence[tuple[str, str]], system_message: str = "", eos_text: str = DEFAULT_EOS_TEXT) -> str:
     """``Conversation.get_prompt`` of the DEEPSEEK separator style (not stripped).
 

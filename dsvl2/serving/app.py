@@ -53,7 +53,6 @@ from .protocol import (
 )
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-API_KEY_ENV = "DSVL2_API_KEY"
 log = logging.getLogger("dsvl2.serving")
 
 

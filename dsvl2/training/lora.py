@@ -41,7 +41,6 @@ from dsvl2.model.moe import Experts
 
 GROUPS = ("attention", "experts", "projector", "vision")
 PREFIX = "base_model.model."
-_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)$")
 _REGEX = {
     "attention": r"language\.model\.layers\.\d+\.self_attn\.(q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|k_proj|v_proj)",
     "experts": r"language\.model\.layers\.\d+\.mlp\.(experts\.\d+|shared_experts)\.(gate_proj|up_proj|down_proj)",
