@@ -60,7 +60,7 @@ def info_main(args: argparse.Namespace) -> int:
         cfg, source = PRESETS[args.preset], f"preset {args.preset}"
     else:
         if args.model is None:
-            from .demo import default_model_dir
+            from .assets import default_model_dir
 
             args.model = str(default_model_dir())
         cfg, source = read_config(args.model), args.model

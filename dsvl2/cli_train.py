@@ -124,7 +124,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         if args.preset not in PRESETS:
             raise InputError(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
-        from dsvl2.demo.build import init_weights
+        from dsvl2.model.init import init_weights
 
         cfg = PRESETS[args.preset]
         tok = processor.tokenizer

@@ -402,7 +402,7 @@ def load(model_dir: str | Path | None = None, dtype: str | torch.dtype = "bf16",
     parity tests hold to the official numbers). ``pipe.plan`` says what was chosen and why.
     """
     if model_dir is None:
-        from .demo import default_model_dir
+        from .assets import default_model_dir
 
         model_dir = default_model_dir()
     device = device or default_device()

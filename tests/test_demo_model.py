@@ -119,7 +119,8 @@ def test_synthetic_sources_name_the_known_ones(tmp_path):
 def test_sincos_position_table_matches_the_formula_and_starts_the_vit():
     import math
 
-    from dsvl2.demo.build import demo_config, init_weights, sincos_2d
+    from dsvl2.demo.build import demo_config
+    from dsvl2.model.init import init_weights, sincos_2d
     from dsvl2.model.vlm import DSVL2
 
     grid, width = 3, 8  # two frequencies per axis: 1 and 1 / 10000 ** 0.5 = 0.01
@@ -211,7 +212,8 @@ def test_page_source_draws_every_word_it_answers_in_reading_order():
 def test_mimetic_attention_init_gives_the_target_products():
     """``attn_init = "mimetic"``: per head W_q^T W_k is the rank-d part of a Z + b I (so its trace is
     mostly b's), and W_proj W_v equals a' Z' - b' I exactly (full rank)."""
-    from dsvl2.demo.build import demo_config, init_weights
+    from dsvl2.demo.build import demo_config
+    from dsvl2.model.init import init_weights
     from dsvl2.model.vlm import DSVL2
 
     m = {"tile": 56, "patch": 14, "vision_width": 32, "vision_layers": 2, "vision_heads": 2, "vision_mlp_ratio": 2.0,

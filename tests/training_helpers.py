@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 
 from dsvl2.config import PRESETS
-from dsvl2.demo.build import init_weights, train_tokenizer
+from dsvl2.demo.build import train_tokenizer
 from dsvl2.demo.tasks import write_dataset
+from dsvl2.model.init import init_weights
 from dsvl2.model.vlm import DSVL2
 from dsvl2.processing.processor import Processor, ProcessorConfig
 from dsvl2.training.data import ConversationDataset, load_jsonl

@@ -1,17 +1,9 @@
-"""Synthetic tasks for the demo model (grounding, reading, bar charts); see :mod:`dsvl2.demo.tasks`."""
+"""Synthetic tasks for the demo model (grounding, reading, bar charts); see :mod:`dsvl2.demo.tasks`.
 
-from pathlib import Path
+The demo is an application of :mod:`dsvl2.training` and :mod:`dsvl2.evaluation`; nothing below it imports
+it. The shipped model's directory lives in :mod:`dsvl2.assets` (re-exported here).
+"""
 
-from ..errors import DSVL2Error
+from ..assets import MODEL_DIR, default_model_dir
 
-MODEL_DIR = Path(__file__).resolve().parent / "model"
-
-
-def default_model_dir() -> Path:
-    """The demo model shipped inside the package (used when no ``--model`` is given)."""
-    if not (MODEL_DIR / "config.json").is_file():
-        raise DSVL2Error(
-            f"no model given and the shipped demo model is missing at {MODEL_DIR}; pass --model DIR "
-            "(a DeepSeek-VL2 checkpoint in the Hugging Face layout) or rebuild the demo with `make demo-model`"
-        )
-    return MODEL_DIR
+__all__ = ["MODEL_DIR", "default_model_dir"]
