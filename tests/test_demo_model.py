@@ -234,3 +234,34 @@ def test_mimetic_attention_init_gives_the_target_products():
         assert abs(off.mean()) < 0.02 and 0.5 < off.std() * c ** 0.5 / 0.4 < 1.5
     with pytest.raises(dsvl2.errors.DSVL2Error, match="attn_init = 'conv'"):
         init_weights(model, 0.02, 0, attn_init="conv")
+
+
+def test_build_scores_held_out_answers_by_the_evaluation_tasks_rule():
+    """The build's held-out scores: a right answer (with the EOS and spaces the build strips) scores 1, a
+    wrong one 0, on every task; the same answers score the same through the evaluation task."""
+    from types import SimpleNamespace
+
+    from dsvl2.demo.build import evaluate
+    from dsvl2.demo.tasks import eval_row, generate
+    from dsvl2.evaluation.tasks.demo import Demo, example
+
+    n, seed = 3, 4242
+    samples = generate(n, seed)
+    right = [i % 2 == 0 for i in range(len(samples))]
+    said = [f" {s.answer}</s>" if ok else "0 nothing</s>" for s, ok in zip(samples, right)]
+    asked: list[list] = []
+
+    def generate_batch(convs, max_new_tokens, skip_special_tokens):
+        start = sum(len(c) for c in asked)
+        asked.append(convs)
+        assert [c[0]["content"] for c in convs] == [s.prompt for s in samples[start:start + len(convs)]]
+        return said[start:start + len(convs)]
+
+    pipe = SimpleNamespace(generate_batch=generate_batch, tokenizer=SimpleNamespace(eos_token="</s>"))
+    out = evaluate(pipe, n, seed=seed, batch=4)
+    for task in ("grounding", "reading", "charts"):
+        hits = [ok for s, ok in zip(samples, right) if s.task == task]
+        assert out["accuracy"][task] == sum(hits) / len(hits), task
+    demo = Demo()
+    for s, ok, a in zip(samples, right, said):
+        assert demo.score(example(eval_row(s)), a.replace("</s>", "").strip()) == float(ok)

@@ -35,7 +35,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from dsvl2.config import DSVL2Config, LanguageConfig, ProjectorConfig, VisionConfig
-from dsvl2.demo.tasks import COLOURS, SHAPES, TASKS, Sample, generate, load_words, make_reading, make_sample
+from dsvl2.demo.tasks import (COLOURS, SHAPES, TASKS, Sample, eval_row, generate, load_words, make_reading,
+                              make_sample)
 from dsvl2.errors import DSVL2Error, InputError
 from dsvl2.model.init import init_weights
 from dsvl2.processing.grounding import format_det
@@ -272,9 +273,11 @@ def sources_for(stage: StageConfig, processor: Processor, seed: int) -> dict[str
 
 # ---- evaluation -----------------------------------------------------------------------------------
 def evaluate(pipe: Any, n_per_task: int, seed: int = EVAL_SEED, batch: int = 16) -> dict[str, Any]:
-    """Accuracy per task on fresh samples (grounding IoU >= 0.5, reading / charts exact match)."""
-    from dsvl2.evaluation import metrics
+    """Accuracy per task on fresh samples, scored by the evaluation task's rule (:meth:`Demo.score
+    <dsvl2.evaluation.tasks.demo.Demo.score>`: grounding IoU >= 0.5, reading / charts exact match)."""
+    from dsvl2.evaluation.tasks.demo import Demo, example
 
+    task = Demo()
     samples = generate(n_per_task, seed)
     results: dict[str, list[float]] = {t: [] for t in TASKS}
     examples = []
@@ -284,11 +287,7 @@ def evaluate(pipe: Any, n_per_task: int, seed: int = EVAL_SEED, batch: int = 16)
         answers = pipe.generate_batch(convs, max_new_tokens=48, skip_special_tokens=False)
         for s, a in zip(chunk, answers):
             a = a.replace(pipe.tokenizer.eos_token, "").strip()
-            if s.task == "grounding":
-                truth: Any = [float(v) for v in s.box]
-                score = metrics.score("demo_grounding", a, truth, width=s.image.width, height=s.image.height)
-            else:
-                score = metrics.score(f"demo_{s.task}", a, s.answer, width=s.image.width, height=s.image.height)
+            score = task.score(example(eval_row(s)), a)
             results[s.task].append(float(score))
             if len(examples) < 9 and sum(e["task"] == s.task for e in examples) < 3:
                 examples.append({"task": s.task, "prompt": s.prompt, "answer": s.answer, "prediction": a})

@@ -252,6 +252,16 @@ def to_conversation(sample: Sample) -> list[dict[str, Any]]:
             {"role": "assistant", "content": sample.answer}]
 
 
+def eval_row(sample: Sample, sample_id: str = "", image: str = "") -> dict[str, Any]:
+    """The evaluation row of a sample (a line of ``data.jsonl``; :mod:`dsvl2.evaluation.tasks.demo`)."""
+    row: dict[str, Any] = {"id": sample_id, "task": f"demo_{sample.task}", "image": image,
+                           "prompt": sample.prompt, "answer": sample.answer,
+                           "width": sample.image.width, "height": sample.image.height}
+    if sample.box is not None:
+        row["box"] = list(sample.box)
+    return row
+
+
 def write_dataset(out_dir: str | Path, n_per_task: int, seed: int,
                   tasks: Sequence[str] = TASKS, words_path: str | Path | None = None) -> Path:
     """Write ``images/*.png``, ``data.jsonl`` (evaluation rows) and ``conversations.jsonl``.
@@ -271,12 +281,7 @@ def write_dataset(out_dir: str | Path, n_per_task: int, seed: int,
             counters[sample.task] += 1
             rel = f"images/{sample_id}.png"
             sample.image.save(out / rel)
-            row: dict[str, Any] = {"id": sample_id, "task": f"demo_{sample.task}", "image": rel,
-                                   "prompt": sample.prompt, "answer": sample.answer,
-                                   "width": sample.image.width, "height": sample.image.height}
-            if sample.box is not None:
-                row["box"] = list(sample.box)
-            data.write(json.dumps(row) + "\n")
+            data.write(json.dumps(eval_row(sample, sample_id, rel)) + "\n")
             messages = to_conversation(sample)
             messages[0]["images"] = [rel]
             convs.write(json.dumps({"id": sample_id, "messages": messages}) + "\n")

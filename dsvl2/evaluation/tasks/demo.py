@@ -10,6 +10,8 @@ Prompt: the line's ``prompt`` as written. Score: grounding IoU >= 0.5 of the fir
 integer match. No trailing-period strip (that is DeepSeek's VLMEvalKit wrapper, not the demo's).
 """
 
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,22 @@ from dsvl2.evaluation.data import Table
 from dsvl2.evaluation.tasks.base import Example, Task, single_image
 
 KINDS = ("demo_grounding", "demo_reading", "demo_charts")
+
+
+def example(row: Mapping[str, Any], where: str = "") -> Example:
+    """One ``data.jsonl`` row (:func:`dsvl2.demo.tasks.eval_row`) as an example without its image: the
+    form :meth:`Demo.score` scores, also used by the demo build's held-out scores."""
+    kind = row["task"]
+    if kind not in KINDS:
+        raise InputError(f"{where}: task {kind!r} is not one of {', '.join(KINDS)}")
+    extra: dict[str, Any] = {"task": kind, "width": int(row["width"]), "height": int(row["height"])}
+    answers: Any = str(row["answer"])
+    if kind == "demo_grounding":
+        if not isinstance(row.get("box"), list) or len(row["box"]) != 4:
+            raise InputError(f"{where}: grounding row needs box [x1, y1, x2, y2], got {row.get('box')!r}")
+        answers = [float(v) for v in row["box"]]
+    return Example(id=str(row["id"]), images=[], question=str(row["prompt"]), answers=answers,
+                   categories={"task": [kind]}, extra=extra, where=where)
 
 
 class Demo(Task):
@@ -47,15 +65,8 @@ class Demo(Task):
                 raise InputError(f"{table.where(i)}: task {kind!r} is not one of {', '.join(KINDS)}")
             if self.only is not None and kind != self.only:
                 continue
-            extra: dict[str, Any] = {"task": kind, "width": int(row["width"]), "height": int(row["height"])}
-            answers: Any = str(row["answer"])
-            if kind == "demo_grounding":
-                if not isinstance(row.get("box"), list) or len(row["box"]) != 4:
-                    raise InputError(f"{table.where(i)}: grounding row needs box [x1, y1, x2, y2], "
-                                     f"got {row.get('box')!r}")
-                answers = [float(v) for v in row["box"]]
-            out.append(Example(id=str(row["id"]), images=single_image(table, i), question=str(row["prompt"]),
-                               answers=answers, categories={"task": [kind]}, extra=extra, where=table.where(i)))
+            ex = example(row, table.where(i))
+            out.append(dataclasses.replace(ex, images=single_image(table, i)))
         return out
 
     def user_text(self, ex: Example) -> str:
