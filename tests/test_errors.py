@@ -15,7 +15,10 @@ import torch
 from PIL import Image
 
 import dsvl2
-from dsvl2 import cli, cli_train
+from dsvl2 import cli
+from dsvl2.cli import eval as eval_run
+from dsvl2.cli import info as cli_info
+from dsvl2.cli import train as cli_train
 from dsvl2.errors import (
     EXIT_FAILURE,
     EXIT_USAGE,
@@ -27,7 +30,6 @@ from dsvl2.errors import (
     TokenizerError,
     UsageError,
 )
-from dsvl2.evaluation import run as eval_run
 from dsvl2.model.quant import Int4Weight, Int8Weight
 from dsvl2.processing import grounding, layout, tiling
 from dsvl2.serving.protocol import APIError, ChatRequest
@@ -186,7 +188,7 @@ def test_commands_exit_2_on_input_errors_and_1_on_runtime_failures(tmp_path: Pat
     def disk_full(args: Any) -> int:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cli, "info_main", disk_full)
+    monkeypatch.setattr(cli_info, "info_main", disk_full)
     assert cli.main(["info", "--preset", "toy"]) == EXIT_FAILURE
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" in err

@@ -14,8 +14,9 @@ from PIL import Image
 from test_eval_data import b64, png, write_parquet, write_tsv
 
 from dsvl2.errors import InputError
-from dsvl2.evaluation import run
-from dsvl2.evaluation.run import add_eval_arguments, evaluate, main
+from dsvl2.cli import eval as run  # the dsvl2 eval command (load_model lives there)
+from dsvl2.cli.eval import add_eval_arguments, main
+from dsvl2.evaluation.run import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 

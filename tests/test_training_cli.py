@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dsvl2
-from dsvl2.cli_train import add_train_arguments, train_main
+from dsvl2.cli.train import add_train_arguments, train_main
 from dsvl2.errors import InputError
 from dsvl2.training.loop import additive_mask, export_model, train
 from dsvl2.training.data import collate, pack

@@ -4,7 +4,7 @@
   and ``iou(box_a, box_b)``;
 - :mod:`.data`: parquet / TSV / JSONL loaders with lazy images;
 - :mod:`.tasks`: one recipe per benchmark (examples, prompt, score, summary), by name;
-- :mod:`.run`: the resumable runner and the ``dsvl2 eval`` entry points;
+- :mod:`.run`: the resumable runner (``dsvl2 eval`` is ``dsvl2/cli/eval.py``);
 - :mod:`.report`: markdown tables, the paper table, grounding drawings.
 
 Rule choices are documented in ``docs/evaluation.md``.
@@ -24,15 +24,13 @@ from dsvl2.evaluation.metrics import (
     score,
     vqa_accuracy,
 )
-from dsvl2.evaluation.run import Model, add_eval_arguments, eval_main, evaluate, run_suite
+from dsvl2.evaluation.run import Model, evaluate, run_suite
 from dsvl2.evaluation.tasks import TASKS, get_task
 
 __all__ = [
     "TASKS",
     "Model",
-    "add_eval_arguments",
     "anls",
-    "eval_main",
     "evaluate",
     "exact_match",
     "extract_choice",

@@ -2,6 +2,6 @@
 
 import sys
 
-from dsvl2.evaluation.run import main
+from dsvl2.cli.eval import main
 
 sys.exit(main())

@@ -1,8 +1,4 @@
-"""``dsvl2 train``: one stage of training from a recipe, on JSONL conversation files.
-
-    dsvl2 train --stage 3 --config dsvl2/training/recipes/paper.toml --model path/to/model \\
-        --data sft=train.jsonl --out runs/sft
-    torchrun --nproc-per-node 2 -m dsvl2.cli train ...      # several processes, FSDP2
+"""``dsvl2 train``: one stage of training from a recipe, on JSONL conversation files (examples below).
 
 The stage's settings come from ``--config`` (a recipe TOML, ``[stageN]`` table; the paper's defaults
 when absent) and single flags override them. ``--data NAME=PATH`` (repeatable) gives the JSONL file of
@@ -21,13 +17,21 @@ import shutil
 import sys
 from pathlib import Path
 
-from dsvl2.errors import EXIT_HELP, run_command
+from . import set_examples
+
+EXAMPLES = (
+    "dsvl2 train --stage 3 --config dsvl2/training/recipes/paper.toml --model path/to/model --data sft=train.jsonl "
+    "--out runs/sft",
+    "dsvl2 train --stage 3 --preset toy --tokenizer TOKDIR --data conversations.jsonl --out /tmp/run --steps 3",
+    "torchrun --nproc-per-node 2 -m dsvl2.cli train ...      # several processes, FSDP2",
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``dsvl2 train``."""
+    set_examples(parser, EXAMPLES)
     parser.add_argument("--stage", type=int, choices=(1, 2, 3), required=True,
                         help="1 align (ViT + projector), 2 pretrain (all), 3 sft (all, answers only)")
     parser.add_argument("--config", type=Path, default=None, help="recipe TOML with a [stageN] table")
@@ -172,13 +176,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsvl2 train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="example: dsvl2 train --stage 3 --preset toy --tokenizer TOKDIR "
-                                            "--data conversations.jsonl --out /tmp/run --steps 3\n\n" + EXIT_HELP)
-    add_train_arguments(parser)
-    return run_command("dsvl2 train", train_main, parser.parse_args(argv))
+    """``dsvl2 train`` with these arguments (the one ``dsvl2`` main)."""
+    from . import main as dsvl2_main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return dsvl2_main(["train", *(sys.argv[1:] if argv is None else argv)])

@@ -1,43 +1,20 @@
-"""``dsvl2`` command line: chat | ground | serve | info | eval | train | ocr.
+"""``dsvl2 info``: parameters, activated parameters, memory and the execution plan of a model or preset.
 
-Each subcommand parses flags and calls a library function a user could call directly. Heavy
-subsystems (server, training, evaluation) are imported only when their subcommand runs.
+Reads ``config.json`` only (no weights); ``--quantize`` sizes the model on the meta device.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import sys
 
-from .errors import EXIT_FAILURE, EXIT_HELP, EXIT_USAGE, run_command
+from . import set_examples
 
-EXAMPLES = {
-    "chat": "dsvl2 chat --image photo.png \"What is in this picture?\"      # shipped demo model\n"
-            "  dsvl2 chat --model ./deepseek-vl2-tiny --image a.png --image b.png \"Compare them.\"\n"
-            "  dsvl2 chat --model ./deepseek-vl2-tiny                        # interactive, multi-turn",
-    "ground": "dsvl2 ground --image shapes.png \"the red circle\" -o boxes.png",
-    "serve": "dsvl2 serve --model ./deepseek-vl2-tiny --port 8000   # OpenAI API + web chat on 127.0.0.1",
-    "info": "dsvl2 info --model ./deepseek-vl2-tiny     # or: dsvl2 info --preset small",
-    "eval": "dsvl2 eval --task demo --data demo_eval/data.jsonl --out runs/eval-demo",
-    "train": "dsvl2 train --stage 3 --config recipe.toml --data train.jsonl --out runs/sft",
-    "ocr": "dsvl2 ocr --model ./DeepSeek-OCR-2 paper.pdf scan.png -o out/   # Markdown + boxes per document",
-}
-
-# subcommand -> (module, add-arguments function, main function, help)
-COMMANDS = {
-    "chat": ("dsvl2.cli_serve", "add_chat_arguments", "chat_main", "ask about images (REPL without a question)"),
-    "ground": ("dsvl2.cli_serve", "add_ground_arguments", "ground_main", "locate an object and draw its box"),
-    "serve": ("dsvl2.cli_serve", "add_serve_arguments", "serve_main", "OpenAI-compatible HTTP server + web chat"),
-    "info": ("dsvl2.cli", "add_info_arguments", "info_main", "parameters, activated parameters, memory"),
-    "eval": ("dsvl2.evaluation.run", "add_eval_arguments", "eval_main", "run a benchmark from local files"),
-    "train": ("dsvl2.cli_train", "add_train_arguments", "train_main", "train a stage (align / pretrain / sft)"),
-    "ocr": ("dsvl2.ocr", "add_ocr_arguments", "ocr_main", "PDFs / page images -> Markdown with DeepSeek-OCR 2"),
-}
+EXAMPLES = ("dsvl2 info --model ./deepseek-vl2-tiny     # or: dsvl2 info --preset small",)
 
 
 def add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    set_examples(parser, EXAMPLES)
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--model", help="model directory (reads config.json only; default: the demo model)")
     src.add_argument("--preset", choices=["tiny", "small", "base", "toy"], help="a built-in config instead")
@@ -52,15 +29,15 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def info_main(args: argparse.Namespace) -> int:
-    from .config import PRESETS
-    from .config_ocr2 import read_config
-    from .stats import count_parameters, human
+    from ..config import PRESETS
+    from ..config_ocr2 import read_config
+    from ..stats import count_parameters, human
 
     if args.preset:
         cfg, source = PRESETS[args.preset], f"preset {args.preset}"
     else:
         if args.model is None:
-            from .assets import default_model_dir
+            from ..assets import default_model_dir
 
             args.model = str(default_model_dir())
         cfg, source = read_config(args.model), args.model
@@ -84,8 +61,8 @@ def info_main(args: argparse.Namespace) -> int:
     if args.quantize:
         import torch
 
-        from .model.quant import weight_bytes
-        from .model.vlm import DSVL2
+        from ..model.quant import weight_bytes
+        from ..model.vlm import DSVL2
 
         with torch.device("meta"):
             model = DSVL2(cfg)
@@ -117,46 +94,7 @@ def info_main(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace):
     """The execution plan ``dsvl2.load`` would choose for this dtype and device here (model/plan.py)."""
-    from .model.plan import resolve
-    from .pipeline import default_device, resolve_dtype
+    from ..model.plan import resolve
+    from ..pipeline import default_device, resolve_dtype
 
     return resolve(args.device or default_device(), resolve_dtype(args.dtype), args.exact)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dsvl2", description="DeepSeek-VL2 in plain PyTorch: chat, ground, serve, evaluate, train.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  " + "\n  ".join(EXAMPLES[c] for c in ("chat", "ground", "serve", "info"))
-               + "\n\n" + EXIT_HELP,
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, add, main, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           epilog="example:\n  " + EXAMPLES[name],
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        try:
-            getattr(importlib.import_module(module), add)(p)
-        except ImportError as e:  # an optional extra is missing: say which, at run time
-            p.set_defaults(_missing=str(e))
-        p.epilog = f"{p.epilog}\n\n{EXIT_HELP}"
-        p.set_defaults(_main=(module, main))
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
-        return EXIT_USAGE
-    if getattr(args, "_missing", None):  # a correct command this installation cannot run
-        print(f"dsvl2 {args.command}: {args._missing} (install the extra, e.g. pip install 'dsvl2[serve]')",
-              file=sys.stderr)
-        return EXIT_FAILURE
-    module, func = args._main
-    return run_command(f"dsvl2 {args.command}", getattr(importlib.import_module(module), func), args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
