@@ -13,7 +13,6 @@ placeholders than images is an error.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,10 +185,10 @@ class Pipeline:
         rule (20-grams within 90 tokens, ``<td>`` / ``</td>`` exempt) unless ``no_repeat_ngram`` is given."""
         if isinstance(self.model, DeepseekOCR2) and "no_repeat_ngram" not in gen:
             gen = {**gen, **OCR_NO_REPEAT, "no_repeat_whitelist": self.table_token_ids()}
-        unknown = sorted(set(gen) - {f.name for f in dataclasses.fields(GenerateArgs)})
+        unknown = sorted(set(gen) - set(GenerateArgs.settings()))
         if unknown:
             raise InputError(f"unknown generation setting(s) {unknown}; the fields of GenerateArgs are "
-                             f"{[f.name for f in dataclasses.fields(GenerateArgs)]}")
+                             f"{GenerateArgs.settings()}")
         return GenerateArgs(**gen)
 
     def table_token_ids(self) -> tuple[int, ...]:

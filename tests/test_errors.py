@@ -105,6 +105,7 @@ def test_bad_messages_budgets_and_truncation_name_the_value(pipe: dsvl2.Pipeline
     ({"repetition_penalty": 0.0}, "got 0.0"),
     ({"chunk_size": 0}, "chunk_size must be >= 1, got 0"),
     ({"seed": 1.5}, "1.5"),
+    ({"temperature": 1.0, "seed": 2**70}, f"seed must fit in a signed 64-bit integer, got {2**70}"),
     ({"no_repeat_ngram": -1}, "got -1"),
     ({"temprature": 0.5}, "'temprature'"),
 ])
@@ -159,12 +160,21 @@ def test_quantized_weight_misuse_is_a_usage_error() -> None:
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 7}, "temperature", 400),
     ({"messages": [{"role": "user", "content": "x"}], "top_p": "high"}, "top_p", 422),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens", 400),
+    ({"messages": [{"role": "user", "content": "x"}], "top_k": -3}, "top_k", 400),
+    ({"messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}, "repetition_penalty", 400),
     ({"messages": [{"role": "user", "content": "x"}], "truncate": "newest"}, "truncate", 400),
     ({"messages": [{"role": "user", "content": "x"}], "n": 3}, "n", 400),
 ])
 def test_request_parsing_names_the_field(body: Any, param: str | None, status: int) -> None:
     err = raises(APIError, param or "JSON object", lambda: ChatRequest.from_json(body))
     assert (err.status, err.param) == (status, param)
+
+
+def test_request_sampling_errors_are_the_sampling_params_rule() -> None:
+    err = raises(APIError, "got -3", lambda: ChatRequest.from_json({"messages": [{"role": "user", "content": "x"}],
+                                                                   "top_k": -3}))
+    assert (err.param, err.code, err.message) == ("top_k", "invalid_value", "top_k must be >= 0, got -3")
+    raises(InputError, "top_k must be >= 0, got -3", lambda: dsvl2.GenerateArgs(top_k=-3))
 
 
 # ---- exit status of the commands ---------------------------------------------------------------------

@@ -317,7 +317,7 @@ def test_request_parsing() -> None:
         {"role": "assistant", "content": None}], "max_completion_tokens": 7, "stop": "END", "seed": 3})
     assert [m.role for m in req.messages] == ["system", "user", "assistant"]
     assert req.messages[1].text == "a\nb" and req.messages[1].image_urls == ["data:x"]
-    assert (req.max_tokens, req.stop, req.seed, req.temperature) == (7, ["END"], 3, 0.0)
+    assert (req.max_tokens, req.stop, req.sampling.seed, req.sampling.temperature) == (7, ["END"], 3, 0.0)
     for bad in ({"messages": []}, {"messages": [user("x")], "max_tokens": 1.5},
                 {"messages": [user("x")], "stop": ["a", "b", "c", "d", "e"]}, {"messages": [user("x")], "top_p": 0}):
         with pytest.raises(APIError):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import numbers
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -28,15 +28,16 @@ from .norepeat import NoRepeatNGram
 from .sampling import SamplingParams, sample
 
 
-_FIELD_KINDS = {"max_new_tokens": numbers.Integral, "temperature": numbers.Real, "top_p": numbers.Real,
-                "top_k": numbers.Integral, "repetition_penalty": numbers.Real, "seed": numbers.Integral,
-                "chunk_size": numbers.Integral, "no_repeat_ngram": numbers.Integral,
-                "no_repeat_window": numbers.Integral}
-_OPTIONAL = ("seed", "chunk_size")
+_FIELD_KINDS = {"max_new_tokens": numbers.Integral, "chunk_size": numbers.Integral,
+                "no_repeat_ngram": numbers.Integral, "no_repeat_window": numbers.Integral}
+_OPTIONAL = ("chunk_size",)
 
 
 @dataclass(frozen=True)
 class GenerateArgs:
+    """Generation settings. ``temperature`` ... ``seed`` are :class:`SamplingParams`' fields (defaults and
+    checks live there): construction builds ``sampling`` once, so a bad value fails here, naming it."""
+
     max_new_tokens: int = 512
     temperature: float = 0.0
     top_p: float = 1.0
@@ -51,6 +52,7 @@ class GenerateArgs:
     no_repeat_ngram: int = 0
     no_repeat_window: int = 90
     no_repeat_whitelist: tuple[int, ...] = ()  # token ids exempt from the ban (<td>, </td>)
+    sampling: SamplingParams = field(init=False, repr=False, compare=False)  # from the five fields above
 
     def __post_init__(self) -> None:
         for name, kind in _FIELD_KINDS.items():
@@ -62,16 +64,19 @@ class GenerateArgs:
             raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise InputError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        sampling = SamplingParams(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.seed)
+        object.__setattr__(self, "sampling", sampling)  # frozen: set once here
+
+    @classmethod
+    def settings(cls) -> list[str]:
+        """The names ``GenerateArgs(...)`` accepts."""
+        return [f.name for f in fields(cls) if f.init]
 
     @property
     def no_repeat(self) -> NoRepeatNGram | None:
         if not self.no_repeat_ngram:
             return None
         return NoRepeatNGram(self.no_repeat_ngram, self.no_repeat_window, frozenset(self.no_repeat_whitelist))
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.seed)
 
 
 @torch.no_grad()

@@ -9,30 +9,56 @@ keep at least one) -> softmax -> sample. Temperature 0 is greedy (argmax; ties -
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
 from ..errors import InputError
 
 
+_KINDS = {"temperature": numbers.Real, "top_p": numbers.Real, "top_k": numbers.Integral,
+          "repetition_penalty": numbers.Real, "seed": numbers.Integral}
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """The sampling settings: their one definition and their one validation (every front end builds this)."""
+
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
-    seed: int | None = None
+    seed: int | None = None  # None = a fresh random seed per request
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        problem = SamplingParams.problem(vars(self))
+        if problem is not None:
+            raise InputError(problem[1])
+
+    @staticmethod
+    def problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """The first bad setting of ``values`` (absent ones: the defaults) as (field name, message naming
+        the value), or None. The server uses it to name the API error's ``param``."""
+        v = {f.name: f.default for f in fields(SamplingParams)} | dict(values)
+        for name, kind in _KINDS.items():
+            value = v[name]
+            if not (value is None and name == "seed") and (isinstance(value, bool) or not isinstance(value, kind)):
+                return name, (f"{name} must be {'an integer' if kind is numbers.Integral else 'a number'}"
+                              f"{' or None' if name == 'seed' else ''}, got {value!r}")
+        if v["temperature"] < 0:
+            return "temperature", f"temperature must be >= 0, got {v['temperature']}"
+        if not 0 < v["top_p"] <= 1:
+            return "top_p", f"top_p must be in (0, 1], got {v['top_p']}"
+        if v["top_k"] < 0:
+            return "top_k", f"top_k must be >= 0, got {v['top_k']}"
+        if v["repetition_penalty"] <= 0:
+            return "repetition_penalty", f"repetition_penalty must be > 0, got {v['repetition_penalty']}"
+        if v["seed"] is not None and not -(2**63) <= v["seed"] < 2**63:
+            return "seed", f"seed must fit in a signed 64-bit integer, got {v['seed']}"
+        return None
 
     @property
     def greedy(self) -> bool:

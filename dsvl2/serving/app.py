@@ -179,10 +179,8 @@ def create_app(pipe: Pipeline, args: ServeArgs | None = None) -> FastAPI:
                           "max_tokens", "context_length_exceeded")
         try:
             # pipe.generate_args: OCR-2 models also get the no-repeat rule
-            gen = pipe.generate_args(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                     top_k=req.top_k, repetition_penalty=req.repetition_penalty, seed=req.seed,
+            gen = pipe.generate_args(max_new_tokens=max_tokens, **asdict(req.sampling),
                                      chunk_size=args.chunk_size, constrain_boxes=req.constrain_boxes)
-            _ = gen.sampling  # SamplingParams checks the values
         except InputError as exc:
             raise invalid(str(exc), code="invalid_value") from exc
         return Prepared(conversation, sizes, gen, req.stop + stop_strings(pipe.tokenizer.eos_token), batch)

@@ -30,6 +30,7 @@ from typing import Any
 from PIL import Image
 
 from ..errors import DSVL2Error
+from ..generation.sampling import SamplingParams
 from ..processing.grounding import parse_grounding
 
 ROLES = ("system", "user", "assistant")
@@ -75,11 +76,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     max_tokens: int | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # temperature, top_p, top_k, ..., seed
     stop: list[str] = field(default_factory=list)
     constrain_boxes: bool = True  # dsvl2 extension: <|det|> spans kept to the box grammar
     image_token_budget: int | None = None  # dsvl2 extension: tile layouts chosen to fit this many image tokens
@@ -112,11 +109,7 @@ class ChatRequest:
             stream=_flag(body, "stream"),
             include_usage=bool(stream_options.get("include_usage", False)),
             max_tokens=None if max_tokens is None else _number({"max_tokens": max_tokens}, "max_tokens", int, 0),
-            temperature=_number(body, "temperature", float, 0.0),
-            top_p=_number(body, "top_p", float, 1.0),
-            top_k=_number(body, "top_k", int, 0),
-            repetition_penalty=_number(body, "repetition_penalty", float, 1.0),
-            seed=None if body.get("seed") is None else _number(body, "seed", int, 0),
+            sampling=_sampling(body),
             stop=_stop(body.get("stop")),
             constrain_boxes=_flag(body, "constrain_boxes", True),
             image_token_budget=(None if body.get("image_token_budget") is None
@@ -130,17 +123,21 @@ class ChatRequest:
                           "invalid_value")
         if req.max_tokens is not None and req.max_tokens < 1:
             raise invalid("max_tokens must be at least 1", "max_tokens", "invalid_value")
-        if not 0 <= req.temperature <= 2:
-            raise invalid("temperature must be between 0 and 2", "temperature", "invalid_value")
-        if not 0 < req.top_p <= 1:
-            raise invalid("top_p must be in (0, 1]", "top_p", "invalid_value")
-        if req.seed is not None and not -(2**63) <= req.seed < 2**63:
-            raise invalid("seed must fit in a signed 64-bit integer", "seed", "invalid_value")
-        if req.top_k < 0:
-            raise invalid("top_k must be >= 0", "top_k", "invalid_value")
-        if req.repetition_penalty <= 0:
-            raise invalid("repetition_penalty must be > 0", "repetition_penalty", "invalid_value")
         return req
+
+
+def _sampling(body: dict[str, Any]) -> SamplingParams:
+    """JSON types here (422); the values' rules are SamplingParams' (400, naming the field)."""
+    kinds = {"temperature": float, "top_p": float, "top_k": int, "repetition_penalty": float, "seed": int}
+    values = {key: _number(body, key, kind, 0) for key, kind in kinds.items() if body.get(key) is not None}
+    problem = SamplingParams.problem(values)
+    if problem is not None:
+        raise invalid(problem[1], problem[0], "invalid_value")
+    sampling = SamplingParams(**values)
+    if sampling.temperature > 2:  # the OpenAI API's range is [0, 2]
+        raise invalid(f"temperature must be between 0 and 2, got {sampling.temperature}", "temperature",
+                      "invalid_value")
+    return sampling
 
 
 def _flag(body: dict[str, Any], key: str, default: bool = False) -> bool:
