@@ -177,55 +177,6 @@ class Int8Linear(nn.Module):
         return int8_linear(x, self.weight_int8, self.weight_scale, self.plan)
 
 
-class Int8Experts(nn.Module):
-    """Routed experts with int8 weights: ``{gate,up,down}_proj_int8`` (E, O, I) and ``*_scale`` (E, O).
-
-    No grouped int8 kernel exists, so experts run one by one on their rows (the count is read on the
-    host: free on CPU, where the int8 kernel lives); dispatch and combine are ``moe.dispatch``.
-    """
-
-    NAMES = ("gate_proj", "up_proj", "down_proj")
-    plan: Plan = EXACT  # set per model by plan.apply
-
-    def __init__(self, n_experts: int, hidden: int, intermediate: int, dtype: torch.dtype,
-                 device: torch.device | str):
-        super().__init__()
-        shapes = {"gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden),
-                  "down_proj": (hidden, intermediate)}
-        for name, (o, i) in shapes.items():
-            self.register_buffer(f"{name}_int8", torch.empty(n_experts, o, i, dtype=torch.int8, device=device))
-            self.register_buffer(f"{name}_scale", torch.empty(n_experts, o, dtype=dtype, device=device))
-
-    def _weight(self, name: str) -> Int8Weight:
-        q = getattr(self, f"{name}_int8")
-        return Int8Weight(q.shape, getattr(self, f"{name}_scale").dtype, q.device)
-
-    gate_proj = property(lambda self: self._weight("gate_proj"))
-    up_proj = property(lambda self: self._weight("up_proj"))
-    down_proj = property(lambda self: self._weight("down_proj"))
-
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        isa = self.plan.kernels
-        if x.shape[0] <= cpu_kernels.MOE_MAX_TOKENS and cpu_kernels.usable_int8(isa, x, self.gate_proj_int8,
-                                                                                 self.gate_proj_scale):
-            return cpu_kernels.moe_int8(x, (self.gate_proj_int8, self.gate_proj_scale),  # the fused decode kernel
-                                        (self.up_proj_int8, self.up_proj_scale),
-                                        (self.down_proj_int8, self.down_proj_scale), idx, weight, isa)
-        return dispatch(x, idx, weight, self.gate_proj_int8.shape[0], self._per_expert)
-
-    def _per_expert(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        outs, start = [], 0
-        for e, c in enumerate(counts.tolist()):
-            if c:
-                r = rows[start:start + c]
-                p = self.plan
-                h = (F.silu(int8_linear(r, self.gate_proj_int8[e], self.gate_proj_scale[e], p))
-                     * int8_linear(r, self.up_proj_int8[e], self.up_proj_scale[e], p))
-                outs.append(int8_linear(h, self.down_proj_int8[e], self.down_proj_scale[e], p))
-                start += c
-        return torch.cat(outs, dim=0)
-
-
 class Int4Linear(nn.Module):
     """A bias-free ``nn.Linear`` with int4 weights: ``weight_int4`` (O, I / 2) uint8, ``weight_scale``
     (O, I / group)."""
@@ -249,10 +200,16 @@ class Int4Linear(nn.Module):
         return int4_linear(x, self.weight_int4, self.weight_scale, self.plan)
 
 
-class Int4Experts(nn.Module):
-    """Routed experts with int4 weights: ``{gate,up,down}_proj_int4`` (E, O, I / 2), ``*_scale`` (E, O, I / group)."""
+class _QuantizedExperts(nn.Module):
+    """Routed experts with quantized weights ``{gate,up,down}_proj_<SUFFIX>`` and ``*_scale`` per expert.
 
-    NAMES = Int8Experts.NAMES
+    No grouped quantized kernel exists, so off the fused decode kernel experts run one by one on their
+    rows (the count is read on the host: free on CPU, where these kernels live); dispatch and combine
+    are ``moe.dispatch``. Subclasses give the buffer layout, the weight descriptor and the linear.
+    """
+
+    NAMES = ("gate_proj", "up_proj", "down_proj")
+    SUFFIX = ""
     plan: Plan = EXACT  # set per model by plan.apply
 
     def __init__(self, n_experts: int, hidden: int, intermediate: int, dtype: torch.dtype,
@@ -261,36 +218,84 @@ class Int4Experts(nn.Module):
         shapes = {"gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden),
                   "down_proj": (hidden, intermediate)}
         for name, (o, i) in shapes.items():
-            self.register_buffer(f"{name}_int4", torch.empty(n_experts, o, i // 2, dtype=torch.uint8, device=device))
-            self.register_buffer(f"{name}_scale", torch.empty(n_experts, o, i // int4_group(i), dtype=dtype,
-                                                              device=device))
+            q, scale = self._empty(n_experts, o, i, dtype, device)
+            self.register_buffer(f"{name}_{self.SUFFIX}", q)
+            self.register_buffer(f"{name}_scale", scale)
 
-    def _weight(self, name: str) -> Int4Weight:
-        q = getattr(self, f"{name}_int4")
-        return Int4Weight(torch.Size((*q.shape[:-1], 2 * q.shape[-1])), getattr(self, f"{name}_scale").dtype, q.device)
+    def _empty(self, n: int, o: int, i: int, dtype: torch.dtype,
+               device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _weight(self, name: str) -> Int8Weight | Int4Weight:
+        raise NotImplementedError
+
+    @staticmethod
+    def _linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, plan: Plan) -> torch.Tensor:
+        raise NotImplementedError
 
     gate_proj = property(lambda self: self._weight("gate_proj"))
     up_proj = property(lambda self: self._weight("up_proj"))
     down_proj = property(lambda self: self._weight("down_proj"))
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        isa = self.plan.kernels
-        pairs = [(getattr(self, f"{n}_int4"), getattr(self, f"{n}_scale")) for n in self.NAMES]
-        if x.shape[0] <= cpu_kernels.MOE_MAX_TOKENS and cpu_kernels.usable(isa, x, pairs[0][1]):
-            return cpu_kernels.moe_int8(x, *pairs, idx, weight, isa)  # the fused decode kernel (int4 form)
-        return dispatch(x, idx, weight, pairs[0][0].shape[0], self._per_expert)
+    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(quantized weight, scale) of gate, up and down, each (E, ...)."""
+        return [(getattr(self, f"{n}_{self.SUFFIX}"), getattr(self, f"{n}_scale")) for n in self.NAMES]
 
     def _per_expert(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        (gq, gs), (uq, us), (dq, ds) = [(getattr(self, f"{n}_int4"), getattr(self, f"{n}_scale")) for n in self.NAMES]
+        (gq, gs), (uq, us), (dq, ds) = self.pairs()
+        lin, p = self._linear, self.plan
         outs, start = [], 0
         for e, c in enumerate(counts.tolist()):
             if c:
                 r = rows[start:start + c]
-                k = self.plan
-                h = F.silu(int4_linear(r, gq[e], gs[e], k)) * int4_linear(r, uq[e], us[e], k)
-                outs.append(int4_linear(h, dq[e], ds[e], k))
+                h = F.silu(lin(r, gq[e], gs[e], p)) * lin(r, uq[e], us[e], p)
+                outs.append(lin(h, dq[e], ds[e], p))
                 start += c
         return torch.cat(outs, dim=0)
+
+
+class Int8Experts(_QuantizedExperts):
+    """Routed experts with int8 weights: ``{gate,up,down}_proj_int8`` (E, O, I) and ``*_scale`` (E, O)."""
+
+    SUFFIX = "int8"
+    _linear = staticmethod(int8_linear)
+
+    def _empty(self, n, o, i, dtype, device):  # type: ignore[no-untyped-def]
+        return (torch.empty(n, o, i, dtype=torch.int8, device=device),
+                torch.empty(n, o, dtype=dtype, device=device))
+
+    def _weight(self, name: str) -> Int8Weight:
+        q = getattr(self, f"{name}_int8")
+        return Int8Weight(q.shape, getattr(self, f"{name}_scale").dtype, q.device)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        isa = self.plan.kernels
+        pairs = self.pairs()
+        if x.shape[0] <= cpu_kernels.MOE_MAX_TOKENS and cpu_kernels.usable_int8(isa, x, *pairs[0]):
+            return cpu_kernels.moe_int8(x, *pairs, idx, weight, isa)  # the fused decode kernel
+        return dispatch(x, idx, weight, pairs[0][0].shape[0], self._per_expert)
+
+
+class Int4Experts(_QuantizedExperts):
+    """Routed experts with int4 weights: ``{gate,up,down}_proj_int4`` (E, O, I / 2), ``*_scale`` (E, O, I / group)."""
+
+    SUFFIX = "int4"
+    _linear = staticmethod(int4_linear)
+
+    def _empty(self, n, o, i, dtype, device):  # type: ignore[no-untyped-def]
+        return (torch.empty(n, o, i // 2, dtype=torch.uint8, device=device),
+                torch.empty(n, o, i // int4_group(i), dtype=dtype, device=device))
+
+    def _weight(self, name: str) -> Int4Weight:
+        q = getattr(self, f"{name}_int4")
+        return Int4Weight(torch.Size((*q.shape[:-1], 2 * q.shape[-1])), getattr(self, f"{name}_scale").dtype, q.device)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        isa = self.plan.kernels
+        pairs = self.pairs()
+        if x.shape[0] <= cpu_kernels.MOE_MAX_TOKENS and cpu_kernels.usable(isa, x, pairs[0][1]):
+            return cpu_kernels.moe_int8(x, *pairs, idx, weight, isa)  # the fused decode kernel (int4 form)
+        return dispatch(x, idx, weight, pairs[0][0].shape[0], self._per_expert)
 
 
 def int8_targets(model: nn.Module) -> dict[str, str]:
