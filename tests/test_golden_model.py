@@ -27,9 +27,9 @@ GREEDY_CASES = ("one_image_chart", "no_image", "multi_turn")
 # derived in the bf16 test's docstring
 MIN_ULP = 2.0 ** -5
 MARGIN_ULPS = 8
-CASE_MEAN_ULPS = 2
+CASE_MEAN_ULPS = 4
 STRUCTURE_MEAN_ULPS = 1.5
-GROSS_ULPS = 48
+GROSS_ULPS = 96
 
 
 @pytest.fixture(scope="module", params=STRUCTURES)
@@ -107,9 +107,12 @@ def test_bf16_parity_every_case(bf16_pipe, golden_dir):
 
     - ``MARGIN_ULPS`` = 8 ulp = 0.25, twice the largest margin seen to swap: at every step whose
       official margin exceeds it our argmax must be the official token;
-    - mean |deviation| <= ``CASE_MEAN_ULPS`` = 2 ulp per case and <= ``STRUCTURE_MEAN_ULPS`` = 1.5 ulp
-      over all image steps of a structure (about 2x the measured values);
-    - no single logit further than ``GROSS_ULPS`` = 48 ulp = 1.5 (1.5x the largest routing-flip deviation).
+    - mean |deviation| <= ``STRUCTURE_MEAN_ULPS`` = 1.5 ulp over all image steps of a structure
+      (measured: at most 0.97, also with torch's AVX2 kernels forced, as on a CPU without AVX512);
+    - per case, mean <= ``CASE_MEAN_ULPS`` = 4 ulp and no single logit further than ``GROSS_ULPS`` =
+      96 ulp = 3.0: a near-tied expert choice that flips moves a whole step, and where one flips
+      depends on the CPU's GEMM kernels (AVX2 kernels: a noaux case at 2.40 ulp mean with a 51.75 ulp
+      logit; AVX512: 1.2 and 32), so these two catch gross errors only, at ~1.7x the worst seen.
 
     Zeroing the local-canvas newline embedding (a mutation scripts/mutate.py applies) gives a mean
     deviation of 0.066-0.095 per structure (2.1-3.0 ulp) and top-1 swaps at margins up to 0.28-0.41.
