@@ -60,6 +60,33 @@ def test_fused_experts_equal_the_grouped_path(k, tokens):
 
 
 @needs_kernels
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_shared_experts_in_the_routed_call_equal_the_two_calls(tokens):
+    """moe_layer's one call (routed + shared experts) = the routed call plus the MLP call, added in bf16 as
+    MoE.forward adds them: bit for bit (the same rows, the same rounding points)."""
+    from dsvl2.model.layers import MLP
+    from dsvl2.model.moe import MoE
+
+    model = toy_model("mla", seed=6, dtype=torch.bfloat16)
+    layer = next(m for m in model.modules() if isinstance(m, MoE) and m.shared_experts is not None)
+    apply(model, FAST)
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, layer.cfg.hidden_size, generator=g).bfloat16()
+    with torch.no_grad():
+        idx, weight, _ = layer.gate(x)
+        one = cpu_kernels.moe_layer(layer, x, idx, weight)
+        ex, sh = layer.experts, layer.shared_experts
+        routed = cpu_kernels.moe(x, ex.gate_proj, ex.up_proj, ex.down_proj, idx, weight)
+        shared = torch.stack([cpu_kernels.mlp(sh, row) for row in x])
+        layer.training = True  # the module's own path skips the fused call when training
+        apart = layer(x[None])[0]
+    assert isinstance(sh, MLP) and torch.equal(one, routed + shared)
+    if tokens == 1:  # the module's own path runs the same two kernels (several rows: torch's MLP, bf16-close)
+        assert torch.equal(one, apart)
+    torch.testing.assert_close(one.float(), apart.float(), rtol=2 ** -6, atol=2e-3)
+
+
+@needs_kernels
 def test_not_used_with_autograd():
     x = torch.randn(1, 8).bfloat16().requires_grad_()
     assert not cpu_kernels.usable(ISA, x)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.utils import parametrize
 
 from ..errors import InputError
 
@@ -90,7 +91,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "dsvl2_build": ([], c_int),
         "dsvl2_cpu_features": ([], c_int),
         "dsvl2_gemv_bf16": ([p, i64, i64, i64, p, p], None),
-        "dsvl2_moe_bf16": ([p, i64, i64, p, p, p, i64, p, p, i64, p, p, p], None),
+        "dsvl2_moe_bf16": ([p, i64, i64, p, p, p, i64, p, p, i64, p, p, p, p, p, p, i64, p, p], None),
         "dsvl2_gemm_int8": ([p, i64, i64, i64, p, p, i64, p, i64], None),
         "dsvl2_moe_int8": ([p, i64, i64, p, p, p, p, p, p, i64, p, p, i64, p, p, p, i64, i64], None),
         "dsvl2_mha_decode": ([p, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, f32, p], None),
@@ -199,8 +200,11 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, isa: str | None = None) -> torch
 
 
 def moe(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,
-        weight: torch.Tensor, isa: str | None = None) -> torch.Tensor:
-    """Routed experts for x (T, D) bf16: gate/up (E, I, D), down (E, D, I), idx (T, K), weight (T, K) fp32."""
+        weight: torch.Tensor, isa: str | None = None,
+        shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Routed experts for x (T, D) bf16: gate/up (E, I, D), down (E, D, I), idx (T, K), weight (T, K) fp32.
+    ``shared``: the layer's shared-experts MLP (gate, up (Is, D), down (D, Is)), computed in the same call
+    and added as :class:`~dsvl2.model.moe.MoE` adds it."""
     lib = load(isa or default_isa())
     t, d = x.shape
     i = gate.shape[1]
@@ -211,8 +215,14 @@ def moe(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tenso
     h = torch.empty(t * k * i, dtype=torch.bfloat16)
     y = torch.empty(t * k * d, dtype=torch.float32)
     out = torch.empty(t, d, dtype=torch.bfloat16)
+    sg, su, sd = (s.contiguous() for s in shared) if shared is not None else (None, None, None)
+    i_s = sg.shape[0] if sg is not None else 0
+    hs = torch.empty(t * i_s, dtype=torch.bfloat16)
+    ys = torch.empty(t * d if sg is not None else 0, dtype=torch.float32)
     lib.dsvl2_moe_bf16(x.data_ptr(), t, d, gate.data_ptr(), up.data_ptr(), down.data_ptr(), i,
-                       idx.data_ptr(), weight.data_ptr(), k, h.data_ptr(), y.data_ptr(), out.data_ptr())
+                       idx.data_ptr(), weight.data_ptr(), k, h.data_ptr(), y.data_ptr(), out.data_ptr(),
+                       *((sg.data_ptr(), su.data_ptr(), sd.data_ptr()) if sg is not None else (None, None, None)),
+                       i_s, hs.data_ptr(), ys.data_ptr())
     return out
 
 
@@ -332,6 +342,22 @@ def mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     else:
         return None
     return out.view(x.shape)
+
+
+def moe_layer(layer: torch.nn.Module, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """The routed experts and the shared-experts MLP of one :class:`~dsvl2.model.moe.MoE` layer for decode
+    rows x (T, D) bf16 in one call (one parallel region instead of two), or None where it does not apply
+    (the caller then runs them apart): bf16 weights only, no shared experts, training, LoRA."""
+    experts, shared = layer.experts, layer.shared_experts
+    isa = experts.plan.kernels
+    if (shared is None or x.shape[0] > MOE_MAX_TOKENS or not usable(isa, x, experts.gate_proj)
+            or parametrize.is_parametrized(experts)):
+        return None
+    weights = [_weight(getattr(shared, n)) for n in ("gate_proj", "up_proj", "down_proj")]
+    if any(w is None or w[1] is not None for w in weights):
+        return None
+    return moe(x, experts.gate_proj, experts.up_proj, experts.down_proj, idx, weight, isa,
+               shared=tuple(w for w, _ in weights))  # type: ignore[arg-type]
 
 
 def mla_decode(attention: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

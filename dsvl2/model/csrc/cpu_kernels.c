@@ -80,6 +80,18 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
+static inline float u32_as_f32(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint32_t load_u32(const uint16_t *p) { /* two bf16 values, unaligned */
+    uint32_t u;
+    memcpy(&u, p, 4);
+    return u;
+}
+
 /* sum_i a[i] * b[i] of two bf16 vectors, in fp32. */
 static inline float dot_bf16(const uint16_t *a, const uint16_t *b, int64_t n) {
     float s = 0.0f;
@@ -178,28 +190,42 @@ static inline void dot4_i8(const int8_t *w0, const int8_t *w1, const int8_t *w2,
 }
 #else
 /* Dot products of four weight rows with x (n bf16 values each), accumulated in fp32: plain loops the
- * compiler vectorises (widen by a shift, FMA), BLOCK columns at a time with the next group's lines prefetched. */
-static inline void dot4(const uint16_t *w0, const uint16_t *w1, const uint16_t *w2, const uint16_t *w3,
+ * compiler vectorises, BLOCK columns at a time with the next group's lines prefetched. Values are read in
+ * pairs as 32-bit words: the even one is the word shifted left by 16, the odd one the word with its low
+ * half cleared, so widening bf16 to fp32 takes one shift or AND and no shuffle (shuffles have one port on
+ * x86; 10 % more GB/s than widening each value, AVX2 build). Even and odd columns sum separately.
+ * Not inlined: gcc vectorised some inlined copies of this loop and left others scalar (seen in perf
+ * annotate: the shared experts' rows ran 2.7x slower); one out-of-line copy is vectorised once. */
+__attribute__((noinline)) static void dot4(const uint16_t *w0, const uint16_t *w1, const uint16_t *w2, const uint16_t *w3,
                         const uint16_t *x, int64_t n, int64_t ahead, float out[4]) {
-    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-    for (int64_t b = 0; b < n; b += BLOCK) {
-        int64_t e = b + BLOCK < n ? b + BLOCK : n;
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f, t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;
+    const uint32_t hi = 0xffff0000u;
+    int64_t even = n & ~(int64_t)1;
+    for (int64_t b = 0; b < even; b += BLOCK) {
+        int64_t e = b + BLOCK < even ? b + BLOCK : even;
         for (int64_t i = b; i < e; i += 32) { /* one 64-byte line of each row */
             PREFETCH(w0 + i + ahead);
             PREFETCH(w1 + i + ahead);
             PREFETCH(w2 + i + ahead);
             PREFETCH(w3 + i + ahead);
         }
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-        for (int64_t i = b; i < e; i++) {
-            float xv = bf16_to_f32(x[i]);
-            s0 += bf16_to_f32(w0[i]) * xv;
-            s1 += bf16_to_f32(w1[i]) * xv;
-            s2 += bf16_to_f32(w2[i]) * xv;
-            s3 += bf16_to_f32(w3[i]) * xv;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, t0, t1, t2, t3)
+        for (int64_t i = b; i < e; i += 2) {
+            uint32_t xu = load_u32(x + i), a0 = load_u32(w0 + i), a1 = load_u32(w1 + i), a2 = load_u32(w2 + i),
+                     a3 = load_u32(w3 + i);
+            float xe = u32_as_f32(xu << 16), xo = u32_as_f32(xu & hi);
+            s0 += u32_as_f32(a0 << 16) * xe, t0 += u32_as_f32(a0 & hi) * xo;
+            s1 += u32_as_f32(a1 << 16) * xe, t1 += u32_as_f32(a1 & hi) * xo;
+            s2 += u32_as_f32(a2 << 16) * xe, t2 += u32_as_f32(a2 & hi) * xo;
+            s3 += u32_as_f32(a3 << 16) * xe, t3 += u32_as_f32(a3 & hi) * xo;
         }
     }
-    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+    if (even < n) {
+        float xv = bf16_to_f32(x[even]);
+        s0 += bf16_to_f32(w0[even]) * xv, s1 += bf16_to_f32(w1[even]) * xv;
+        s2 += bf16_to_f32(w2[even]) * xv, s3 += bf16_to_f32(w3[even]) * xv;
+    }
+    out[0] = s0 + t0, out[1] = s1 + t1, out[2] = s2 + t2, out[3] = s3 + t3;
 }
 
 /* Dot products of four int8 rows with int16 x (n values), as fp32 (unscaled): exact int32 sums of BLOCK
@@ -262,14 +288,17 @@ static inline float swiglu_bf16(float g, float u) {
 }
 
 /* out[t] = bf16(sum_k w[t,k] * y[t,k]) over D columns, slot by slot in fp32 (the official combine's
- * order). A worksharing loop: call it from inside a parallel region, from every thread. */
-static void combine_slots(const float *y, const float *w, int64_t T, int64_t K, int64_t D, uint16_t *out) {
+ * order); with `shared` (T, D) (the shared experts' output, bf16 values held in fp32) the sum is rounded to
+ * bf16 and added as the MoE layer adds them, out = bf16(bf16(sum) + shared). A worksharing loop: call it
+ * from inside a parallel region, from every thread. */
+static void combine_slots(const float *y, const float *w, int64_t T, int64_t K, int64_t D, const float *shared,
+                          uint16_t *out) {
 #pragma omp for schedule(static)
     for (int64_t td = 0; td < T * D; td++) {
         int64_t t = td / D, c = td % D;
         float acc = y[(t * K) * D + c] * w[t * K];
         for (int64_t k = 1; k < K; k++) acc += y[(t * K + k) * D + c] * w[t * K + k];
-        out[td] = f32_to_bf16(acc);
+        out[td] = f32_to_bf16(shared ? round_bf16(acc) + shared[td] : acc);
     }
 }
 
@@ -292,17 +321,32 @@ static int64_t group_slots(const int64_t *idx, int64_t slots, int64_t *order, in
  *   out[t] = bf16( sum_k w[t,k] * bf16(down_e @ bf16(bf16(silu(bf16(gate_e @ x_t))) * bf16(up_e @ x_t))) )
  * with e = idx[t,k]. gate/up (E, I, D), down (E, D, I), contiguous. Scratch: h (T*K*I) bf16,
  * y (T*K*D) fp32. Three phases in one parallel region: gate/up rows, down rows, the combine. Jobs are
- * (expert, 4 rows): an expert chosen by several tokens is read once, its rows reused from L1. */
+ * (expert, 4 rows): an expert chosen by several tokens is read once, its rows reused from L1.
+ * With sgate != NULL the layer's shared experts (one SwiGLU MLP: sgate/sup (Is, D), sdown (D, Is); scratch
+ * hs (T*Is) bf16, ys (T*D) fp32) run in the same phases, their rows after the routed ones, and are added as
+ * MoE.forward adds them (combine_slots): one region per layer instead of two. */
 void dsvl2_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const uint16_t *gate, const uint16_t *up,
-                           const uint16_t *down, int64_t I, const int64_t *idx, const float *w, int64_t K,
-                           uint16_t *h, float *y, uint16_t *out) {
+                    const uint16_t *down, int64_t I, const int64_t *idx, const float *w, int64_t K, uint16_t *h,
+                    float *y, uint16_t *out, const uint16_t *sgate, const uint16_t *sup, const uint16_t *sdown,
+                    int64_t Is, uint16_t *hs, float *ys) {
     int64_t slots = T * K, igroups = (I + 3) / 4, dgroups = (D + 3) / 4;
+    int64_t sgroups = sgate ? (Is + 3) / 4 : 0, sdgroups = sgate ? dgroups : 0;
     int64_t *order = malloc((size_t)(3 * slots + 1) * sizeof(int64_t)), *start = order + slots, *expert = start + slots + 1;
     int64_t groups = group_slots(idx, slots, order, start, expert);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int64_t job = 0; job < groups * igroups; job++) {
+        for (int64_t job = 0; job < groups * igroups + sgroups; job++) {
+            if (job >= groups * igroups) { /* shared experts: the same rows for every token */
+                int64_t r = (job - groups * igroups) * 4;
+                for (int64_t t = 0; t < T; t++) {
+                    float gg[4], u[4];
+                    rows_f32(sgate, D, x + t * D, D, r, Is, gg);
+                    rows_f32(sup, D, x + t * D, D, r, Is, u);
+                    for (int j = 0; j < 4 && r + j < Is; j++) hs[t * Is + r + j] = f32_to_bf16(swiglu_bf16(gg[j], u[j]));
+                }
+                continue;
+            }
             int64_t g = job / igroups, r = (job % igroups) * 4, e = expert[g];
             for (int64_t i = start[g]; i < start[g + 1]; i++) {
                 int64_t s = order[i], t = s / K;
@@ -314,7 +358,16 @@ void dsvl2_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const uint16_t *gat
             }
         }
 #pragma omp for schedule(static)
-        for (int64_t job = 0; job < groups * dgroups; job++) {
+        for (int64_t job = 0; job < groups * dgroups + sdgroups; job++) {
+            if (job >= groups * dgroups) {
+                int64_t r = (job - groups * dgroups) * 4;
+                for (int64_t t = 0; t < T; t++) {
+                    float d[4];
+                    rows_f32(sdown, Is, hs + t * Is, Is, r, D, d);
+                    for (int j = 0; j < 4 && r + j < D; j++) ys[t * D + r + j] = round_bf16(d[j]);
+                }
+                continue;
+            }
             int64_t g = job / dgroups, r = (job % dgroups) * 4, e = expert[g];
             for (int64_t i = start[g]; i < start[g + 1]; i++) {
                 int64_t s = order[i];
@@ -323,7 +376,7 @@ void dsvl2_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const uint16_t *gat
                 for (int j = 0; j < 4 && r + j < D; j++) y[s * D + r + j] = round_bf16(d[j]);
             }
         }
-        combine_slots(y, w, T, K, D, out);
+        combine_slots(y, w, T, K, D, sgate ? ys : NULL, out);
     }
     free(order);
 }
@@ -494,11 +547,33 @@ void dsvl2_moe_int8(const uint16_t *x, int64_t T, int64_t D, const void *gate, c
                 for (int j = 0; j < 4 && r + j < D; j++) y[s * D + r + j] = round_bf16(d[j]);
             }
         }
-        combine_slots(y, w, T, K, D, out);
+        combine_slots(y, w, T, K, D, NULL, out);
     }
     free(xq);
     free(sx);
     free(order);
+}
+
+/* e^x in fp32 for x <= 0 (GELU's argument after the sign flip below), in plain C the compiler vectorises:
+ * n = round(x log2 e) (by the 1.5 * 2^23 trick), r = x - n ln 2 (two-part ln 2), a degree-6 polynomial
+ * for e^r on |r| <= ln 2 / 2 (relative error ~2e-7), times 2^n built in the exponent bits. x is clamped
+ * to -87 (2^n stays normal): e^-87 ~ 1.6e-38, which the caller only divides by. */
+static inline float exp_neg(float x) {
+    x = x < -87.0f ? -87.0f : (x > 0.0f ? 0.0f : x);
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
 }
 
 /* ---- one decode step of plain multi-head attention (Tiny), batch 1 ------------------------------------
@@ -527,42 +602,90 @@ static void rope(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t 
     }
 }
 
+/* Rows [r, r + 4) of y = W x rounded to bf16: bf16 weights (s NULL) against x, or int8 with row scales s
+ * against xq, x quantized once (scale sx); as dsvl2_gemv_bf16 / dsvl2_gemm_int8 compute them. */
+static inline void project_rows(const void *W, const uint16_t *s, int64_t O, int64_t I, const uint16_t *x,
+                                const int16_t *xq, float sx, int64_t r, uint16_t *y) {
+    float d[4];
+    if (s) rows_q(W, I, s, 0, xq, sx, I, r, O, d);
+    else rows_f32((const uint16_t *)W, I, x, I, r, O, d);
+    for (int j = 0; j < 4 && r + j < O; j++) y[r + j] = f32_to_bf16(d[j]);
+}
+
+/* acc[i] += sum_j p[j] * v_j[i] over four bf16 rows (the value rows of four cache positions). */
+static inline void axpy4_bf16(float *acc, const float p[4], const uint16_t *v0, const uint16_t *v1,
+                              const uint16_t *v2, const uint16_t *v3, int64_t n) {
+    float p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++)
+        acc[i] += p0 * bf16_to_f32(v0[i]) + p1 * bf16_to_f32(v1[i]) + p2 * bf16_to_f32(v2[i]) + p3 * bf16_to_f32(v3[i]);
+}
+
+/* One head over cache positions 0..T-1: scores = K q / scale_div (fp32), softmax in fp32, o = bf16(sum of
+ * bf16(p) * v / sum p). Keys and values four positions at a time (dot4 / axpy4_bf16); sc: T floats. */
+static void attend_head(const uint16_t *qh, const uint16_t *kh, const uint16_t *vh, int64_t T, int64_t hd,
+                        float inv, float *sc, uint16_t *o) {
+    float m = -INFINITY, sum = 0.0f, acc[256] = {0}; /* hd <= 256 (checked by the caller) */
+    for (int64_t t = 0; t < T; t += 4) {
+        const uint16_t *k[4];
+        for (int j = 0; j < 4; j++) k[j] = kh + (t + j < T ? t + j : T - 1) * hd;
+        float d[4];
+        dot4(k[0], k[1], k[2], k[3], qh, hd, 4 * hd, d);
+        for (int j = 0; j < 4 && t + j < T; j++) sc[t + j] = d[j] * inv;
+    }
+    for (int64_t t = 0; t < T; t++) m = fmaxf(m, sc[t]);
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < T; t++) {
+        float p = exp_neg(sc[t] - m);
+        sum += p;
+        sc[t] = round_bf16(p);
+    }
+    int64_t t = 0;
+    for (; t + 4 <= T; t += 4) axpy4_bf16(acc, sc + t, vh + t * hd, vh + (t + 1) * hd, vh + (t + 2) * hd, vh + (t + 3) * hd, hd);
+    for (; t < T; t++) axpy_bf16(acc, sc[t], vh + t * hd, hd);
+    for (int64_t i = 0; i < hd; i++) o[i] = f32_to_bf16(acc[i] / sum);
+}
+
+/* One parallel region (each one wakes the second thread: tens of microseconds, as long as a 1280-wide
+ * projection): q, k and v rows in one loop, RoPE and the cache write per head, attention per head, then the
+ * output projection. */
 void dsvl2_mha_decode(const uint16_t *x, int64_t D, int64_t H, int64_t hd, const void *wq, const uint16_t *sq,
-                             const void *wk, const uint16_t *sk, const void *wv, const uint16_t *sv, const void *wo,
-                             const uint16_t *so, const uint16_t *cos, const uint16_t *sin, uint16_t *kc, uint16_t *vc,
-                             int64_t ld_t, int64_t pos, float scale_div, uint16_t *out) {
-    int64_t T = pos + 1;
+                      const void *wk, const uint16_t *sk, const void *wv, const uint16_t *sv, const void *wo,
+                      const uint16_t *so, const uint16_t *cos, const uint16_t *sin, uint16_t *kc, uint16_t *vc,
+                      int64_t ld_t, int64_t pos, float scale_div, uint16_t *out) {
+    int64_t T = pos + 1, groups = (D + 3) / 4;
     uint16_t *buf = malloc((size_t)(4 * D) * sizeof(uint16_t)), *q = buf, *k = buf + D, *v = buf + 2 * D, *o = buf + 3 * D;
     float *scores = malloc((size_t)(H * T) * sizeof(float));
-    project(wq, sq, D, D, x, q);
-    project(wk, sk, D, D, x, k);
-    project(wv, sv, D, D, x, v);
-    for (int64_t h = 0; h < H; h++) {
-        rope(q + h * hd, cos, sin, hd);
-        rope(k + h * hd, cos, sin, hd);
-        memcpy(kc + (h * ld_t + pos) * hd, k + h * hd, (size_t)hd * sizeof(uint16_t));
-        memcpy(vc + (h * ld_t + pos) * hd, v + h * hd, (size_t)hd * sizeof(uint16_t));
-    }
-    float inv = 1.0f / scale_div;
-#pragma omp parallel for schedule(static)
-    for (int64_t h = 0; h < H; h++) { /* hd <= 256 (checked by the caller) */
-        const uint16_t *qh = q + h * hd, *kh = kc + h * ld_t * hd, *vh = vc + h * ld_t * hd;
-        float *sc = scores + h * T, m = -INFINITY, sum = 0.0f;
-        float acc[256] = {0};
-        for (int64_t t = 0; t < T; t++) {
-            sc[t] = dot_bf16(qh, kh + t * hd, hd) * inv;
-            m = fmaxf(m, sc[t]);
+    int16_t *xq = malloc((size_t)(2 * D) * sizeof(int16_t)), *oq = xq + D;
+    float sx = sq || sk || sv ? quantize_i16(NULL, x, D, xq) : 1.0f, s_o = 1.0f, inv = 1.0f / scale_div;
+    const void *w[3] = {wq, wk, wv};
+    const uint16_t *ws[3] = {sq, sk, sv};
+    uint16_t *y[3] = {q, k, v};
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t job = 0; job < 3 * groups; job++) {
+            int64_t p = job / groups;
+            project_rows(w[p], ws[p], D, D, x, xq, sx, (job % groups) * 4, y[p]);
         }
-        for (int64_t t = 0; t < T; t++) {
-            float p = expf(sc[t] - m);
-            sum += p;
-            axpy_bf16(acc, round_bf16(p), vh + t * hd, hd);
+#pragma omp for schedule(static)
+        for (int64_t h = 0; h < H; h++) {
+            rope(q + h * hd, cos, sin, hd);
+            rope(k + h * hd, cos, sin, hd);
+            memcpy(kc + (h * ld_t + pos) * hd, k + h * hd, (size_t)hd * sizeof(uint16_t));
+            memcpy(vc + (h * ld_t + pos) * hd, v + h * hd, (size_t)hd * sizeof(uint16_t));
         }
-        for (int64_t i = 0; i < hd; i++) o[h * hd + i] = f32_to_bf16(acc[i] / sum);
+#pragma omp for schedule(static)
+        for (int64_t h = 0; h < H; h++)
+            attend_head(q + h * hd, kc + h * ld_t * hd, vc + h * ld_t * hd, T, hd, inv, scores + h * T, o + h * hd);
+#pragma omp single
+        if (so) s_o = quantize_i16(NULL, o, D, oq);
+#pragma omp for schedule(static)
+        for (int64_t job = 0; job < groups; job++) project_rows(wo, so, D, D, o, oq, s_o, job * 4, out);
     }
-    project(wo, so, D, D, o, out);
     free(buf);
     free(scores);
+    free(xq);
 }
 
 /* ---- one decode step of Multi-head Latent Attention (Small / Base), batch 1, absorbed form ---------------
@@ -679,28 +802,6 @@ void dsvl2_router(const uint16_t *x, int64_t D, const uint16_t *w, int64_t E, in
     }
     for (int64_t k = 0; k < K; k++)
         weight[k] = (K > 1 && norm_topk) ? weight[k] / (total + 1e-20f) * scaling : weight[k] * scaling;
-}
-
-/* e^x in fp32 for x <= 0 (GELU's argument after the sign flip below), in plain C the compiler vectorises:
- * n = round(x log2 e) (by the 1.5 * 2^23 trick), r = x - n ln 2 (two-part ln 2), a degree-6 polynomial
- * for e^r on |r| <= ln 2 / 2 (relative error ~2e-7), times 2^n built in the exponent bits. x is clamped
- * to -87 (2^n stays normal): e^-87 ~ 1.6e-38, which the caller only divides by. */
-static inline float exp_neg(float x) {
-    x = x < -87.0f ? -87.0f : (x > 0.0f ? 0.0f : x);
-    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return p * scale;
 }
 
 /* tanh-GELU of n bf16 values (the ViT's MLP, F.gelu(approximate="tanh")), y may equal x. Computed in fp32 as
