@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dsvl2.config import DSVL2Config
-from dsvl2.model.init import init_random_, init_weights
+from dsvl2.model.init import FIXTURE_INIT, init_params_
 from dsvl2.model.vlm import DSVL2
 from toy import toy_config
 
@@ -64,7 +64,7 @@ PINS = {
 @pytest.mark.parametrize("variant", sorted(FROM_SCRATCH))
 def test_from_scratch_init_is_pinned(name, variant):
     model = DSVL2(configs()[name])
-    init_weights(model, 0.02, 0, **FROM_SCRATCH[variant])
+    init_params_(model, 0, std=0.02, **FROM_SCRATCH[variant])
     assert digest(model) == PINS[name, variant]
 
 
@@ -72,5 +72,52 @@ def test_from_scratch_init_is_pinned(name, variant):
 @pytest.mark.parametrize("name", ["demo", "toy"])
 def test_fixture_init_is_pinned(name):
     model = DSVL2(configs()[name])
-    init_random_(model, 3)
+    init_params_(model, 3, **FIXTURE_INIT)
     assert digest(model) == PINS[name, "random"]
+
+
+def test_each_class_gets_the_standard_deviation_of_the_table():
+    """The docstring's table, measured: per class the sample std (and the norm weights' mean) of the draws."""
+    cfg = configs()["toy"]
+    lc = cfg.language_config
+    model = init_params_(DSVL2(cfg), 0, **FIXTURE_INIT, router_gain=4.0)
+    p = dict(model.named_parameters())
+    layer = "language.model.layers.1."
+    norm = p["language.model.layers.0.input_layernorm.weight"]
+    assert abs(norm.mean() - 1) < 0.05 and abs(norm.std() - 0.1) < 0.03
+    expected = {  # name: std of the table under std="fan_in"
+        "vision.blocks.0.attn.qkv.bias": 0.02,
+        layer + "mlp.gate.e_score_correction_bias": 0.1,
+        "language.model.embed_tokens.weight": 1.0,
+        "image_newline": lc.hidden_size ** -0.5,
+        "vision.pos_embed": 0.5,
+        layer + "mlp.gate.weight": 4.0 / lc.hidden_size ** 0.5,
+        "language.model.layers.0.self_attn.q_proj.weight": 2.0 / lc.hidden_size ** 0.5,
+        "vision.blocks.0.attn.qkv.weight": 2.0 / cfg.vision_config.width ** 0.5,
+        "language.lm_head.weight": 1.0 / lc.hidden_size ** 0.5,
+        layer + "mlp.experts.down_proj": 1.0 / lc.moe_intermediate_size ** 0.5,
+        "vision.patch_embed.proj.weight": 1.0 / (3 * 14 * 14) ** 0.5,
+    }
+    for name, std in expected.items():
+        assert abs(p[name].std() / std - 1) < 0.3, name  # 8 to 8M samples: well inside 30 %
+
+    model = init_params_(DSVL2(cfg), 0, std=0.05)  # a number: norms exactly 1, biases exactly 0, the rest N(0, s)
+    p = dict(model.named_parameters())
+    assert torch.equal(p["vision.norm.weight"], torch.ones(cfg.vision_config.width))
+    assert not p["vision.norm.bias"].any() and not p["vision.blocks.0.attn.qkv.bias"].any()
+    assert not p[layer + "mlp.gate.e_score_correction_bias"].any()
+    for name in ("language.model.embed_tokens.weight", "vision.pos_embed", layer + "mlp.gate.weight",
+                 "vision.blocks.0.attn.qkv.weight", "language.lm_head.weight"):
+        assert abs(p[name].std() / 0.05 - 1) < 0.3, name
+
+
+def test_bad_init_values_are_named():
+    from dsvl2.errors import ConfigError
+    from dsvl2.model.init import sincos_2d
+
+    with pytest.raises(ConfigError, match="width 30 is not divisible by 4"):
+        sincos_2d(4, 30)
+    model = DSVL2(configs()["toy"])
+    for bad in (0.0, -0.02, "xavier"):
+        with pytest.raises(ConfigError, match=f"init std = {bad!r}"):
+            init_params_(model, 0, std=bad)
