@@ -70,6 +70,10 @@ def init_params_(model: nn.Module, seed: int, *, std: float | str, qk_gain: floa
         raise ConfigError(f"recipe [model] attn_init = {attn_init!r}: expected 'normal' or 'mimetic'")
     g = torch.Generator().manual_seed(seed)
 
+    def normal(p: torch.Tensor, s: float, mean: float) -> None:  # no draw outlives its parameter (peak memory)
+        x = torch.randn(p.shape, generator=g, dtype=torch.float32) * s
+        p.copy_(x + mean if mean else x)
+
     def matrix_std(p: torch.Tensor, gain: float) -> float:
         if not fan_in_scaled:
             return gain * std
@@ -96,8 +100,7 @@ def init_params_(model: nn.Module, seed: int, *, std: float | str, qk_gain: floa
         else:
             s = matrix_std(p, qk_gain if any(k in name for k in _QK) else 1.0)
         if s:
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            p.copy_(noise * s + mean if mean else noise * s)
+            normal(p, s, mean)
         else:
             p.fill_(mean)
     if pos_init == "sincos":
