@@ -9,8 +9,8 @@
 
 ``--preset NAME [--layers N]`` instead of ``--model DIR``: the model of ``dsvl2.config.PRESETS`` is
 built on the ``meta`` device, allocated in the load dtype on the target device and filled there by
-``dsvl2.model.init.init_random_`` (its rule, with the draws made on the device), so no checkpoint and
-no fp32 copy; the tokenizer comes from ``--tokenizer-from`` (default: ``$DSVL2_TOKENIZER``, else the
+``dsvl2.model.init.init_params_`` (its fixture recipe, with the draws made on the device), so no
+checkpoint and no fp32 copy; the tokenizer comes from ``--tokenizer-from`` (default: ``$DSVL2_TOKENIZER``, else the
 golden micro checkpoint in ``shared/`` inside or beside the repo, as ``make_checkpoint.py``).
 
 Prints, from one process:
@@ -66,7 +66,7 @@ from dsvl2.generation.generate import (
     prefill,
 )
 from dsvl2.model.cache import make_cache
-from dsvl2.model.init import init_random_
+from dsvl2.model.init import FIXTURE_INIT, init_params_
 from dsvl2.model.plan import apply as apply_plan
 from dsvl2.model.plan import resolve as resolve_plan
 from dsvl2.model.vlm import DSVL2
@@ -160,8 +160,9 @@ def machine_in_subprocess(threads: int) -> dict[str, float]:
 class _DrawOn(torch.overrides.TorchFunctionMode):
     """Inside: ``torch.randn`` draws on ``device`` from a generator of its own seeded with ``seed``.
 
-    So ``init_random_`` (whose rule stays the one source of truth) fills a model that already lives on
-    ``device`` without fp32 copies on the host; on CPU the values equal plain ``init_random_(model, seed)``.
+    So ``init_params_`` (whose rule stays the one source of truth) fills a model that already lives on
+    ``device`` without fp32 copies on the host; on CPU the values equal plain
+    ``init_params_(model, seed, **FIXTURE_INIT)``.
     """
 
     def __init__(self, device: torch.device, seed: int):
@@ -186,7 +187,7 @@ def random_model(cfg, dtype: torch.dtype, device: torch.device, seed: int = 0, q
         model = DSVL2(cfg)
     model = model.to(dtype).to_empty(device=device)  # every parameter in the load dtype, as load_model
     with _DrawOn(device, seed):
-        init_random_(model, seed)
+        init_params_(model, seed, **FIXTURE_INIT)
     # The non-persistent RoPE buffer: rebuilt in fp32 on the device, as after loading a checkpoint.
     model.language.model.rotary.reset_(device)
     if quantize:

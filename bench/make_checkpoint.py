@@ -24,7 +24,7 @@ import torch
 
 from dsvl2.checkpoint import INDEX_NAME, iter_official_tensors
 from dsvl2.config import PRESETS
-from dsvl2.model.init import init_random_
+from dsvl2.model.init import FIXTURE_INIT, init_params_
 from dsvl2.model.vlm import DSVL2
 from dsvl2.pipeline import resolve_dtype
 
@@ -115,7 +115,7 @@ def _init_named(params: dict[str, torch.nn.Parameter], seed: int) -> None:
         def named_parameters(self, *a, **k):
             return iter(params.items())
 
-    init_random_(Named(), seed)
+    init_params_(Named(), seed, **FIXTURE_INIT)
 
 
 def main() -> None:

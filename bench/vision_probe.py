@@ -28,6 +28,7 @@ from torch import nn
 
 from dsvl2.demo import build
 from dsvl2.demo import tasks
+from dsvl2.model.init import init_params_
 from dsvl2.model.vlm import DSVL2
 from dsvl2.processing.processor import Processor
 from dsvl2.training.stages import load_recipe
@@ -76,8 +77,8 @@ def main() -> None:
         tokens, params = (lambda x: cnn(x).flatten(2).transpose(1, 2)), list(cnn.parameters())
     else:
         model = DSVL2(cfg)
-        build.init_weights(model, m["init_std"], 0, m.get("pos_init", "normal"), m.get("pos_scale", 1.0),
-                           m.get("attn_init", "normal"))
+        init_params_(model, 0, std=m["init_std"], pos_init=m.get("pos_init", "normal"),
+                     pos_scale=m.get("pos_scale", 1.0), attn_init=m.get("attn_init", "normal"))
         tokens = lambda x: model.projector(model.vision(x))  # noqa: E731
         params = list(model.vision.parameters()) + list(model.projector.parameters())
     query = nn.Parameter(torch.randn(width) * 0.02)

@@ -1,8 +1,9 @@
 """The user-facing pipeline: ``dsvl2.load(dir)`` -> chat / stream / batch / ground.
 
 One model, one processor, one generation loop (``generation.generate``); this module only turns
-text + images into a batch and tokens back into text, with stop strings and streaming. The CLI, the
-server and the evaluation harness are thin layers over it.
+text + images into a batch and tokens back into text, with stop strings and streaming
+(``generation.text``: :class:`TextStream`, :class:`Completion`). The CLI, the server and the
+evaluation harness are thin layers over it.
 
 Message format (OpenAI-like, plus the official one): ``{"role": "user"|"assistant"|"system"|
 "<|User|>"|"<|Assistant|>", "content": str, "images": [path | PIL.Image]}``. A plain string is one
@@ -14,7 +15,6 @@ placeholders than images is an error.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from .generation.box_order import OrderedBoxConstraint
 from .generation.constraints import BoxConstraint, LogitsProcessor, box_automaton
 from .generation.generate import GenerateArgs, generate
 from .generation.norepeat import NoRepeatProcessor
+from .generation.text import Completion, TextStream
 from .model.ocr2 import DeepseekOCR2
 from .model.plan import Plan, plan_of
 from .model.plan import apply as apply_plan
@@ -35,7 +36,6 @@ from .model.vlm import DSVL2
 from .processing.grounding import GroundingResult, parse_grounding
 from .processing.ocr2 import OCR2Processor
 from .processing.processor import Batch, Processor
-from .processing.tokenizer import StreamDecoder
 
 ImageLike = str | Path | Image.Image
 Messages = str | Sequence[dict[str, Any]]
@@ -57,38 +57,6 @@ OCR_NO_REPEAT = {"no_repeat_ngram": 20, "no_repeat_window": 90}  # official run_
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@dataclass
-class Completion:
-    """A finished answer: text, the generated ids, why it stopped, and token counts.
-
-    ``image_tokens``: the ``<image>`` positions each image of the conversation took, in order;
-    ``context_limit``: the model's context (prompt + answer must fit in it).
-    """
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
-    prompt_tokens: int
-    image_tokens: list[int] = field(default_factory=list)
-    context_limit: int | None = None
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def grounding(self) -> GroundingResult:
-        """Every ``<|ref|>object<|/ref|><|det|>[[...]]<|/det|>`` of the answer (needs special tokens kept)."""
-        return parse_grounding(self.text)
-
-    @property
-    def context_remaining(self) -> int | None:
-        """Tokens of context left after this answer (None when the limit is unknown)."""
-        if self.context_limit is None:
-            return None
-        return self.context_limit - self.prompt_tokens - self.completion_tokens
 
 
 class Pipeline:
@@ -326,66 +294,6 @@ def _overflow_message(conv: list[dict[str, Any]], length: int, image_tokens: lis
     detail = "; ".join(parts + [f"the text takes {text}"])
     return (f"the prompt is {length} tokens, over the context limit of {limit} ({detail}); "
             "lower image_token_budget, send fewer images, or drop old turns (truncate='oldest')")
-
-
-def _find_stop(text: str, stop: Sequence[str], start: int) -> int | None:
-    """Index of the earliest stop string in ``text`` (searching from a little before ``start``)."""
-    best = None
-    for s in stop:
-        if not s:
-            continue
-        i = text.find(s, max(0, start - len(s)))
-        if i != -1 and (best is None or i < best):
-            best = i
-    return best
-
-
-class TextStream:
-    """One answer's ids -> text deltas: EOS ends it, a stop string cuts it, and text that could still
-    turn into a stop string is held back until it cannot. ``push`` each generated id (until ``done``),
-    then ``finish`` once; the deltas concatenate to ``completion.text``."""
-
-    def __init__(self, tokenizer: Any, eos_id: int, stop: Sequence[str], skip_special_tokens: bool,
-                 prompt_tokens: int, image_tokens: Sequence[int] = (), context_limit: int | None = None):
-        self.decoder = StreamDecoder(tokenizer, skip_special_tokens)
-        self.eos_id, self.stop, self.prompt_tokens = eos_id, list(stop), prompt_tokens
-        self.image_tokens, self.context_limit = list(image_tokens), context_limit
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.text, self.emitted, self.ids = "", 0, []
-        self.done, self.reason = False, "length"
-
-    def _release(self, upto: int) -> str:
-        delta = self.text[self.emitted:upto] if upto > self.emitted else ""
-        self.emitted = max(self.emitted, upto)
-        return delta
-
-    def push(self, token: int) -> str:
-        if token == self.eos_id:
-            self.done, self.reason = True, "stop"
-            self.text += self.decoder.flush()
-            return ""
-        self.ids.append(token)
-        self.text += self.decoder.push(token)
-        cut = _find_stop(self.text, self.stop, self.emitted)
-        if cut is not None:
-            self.text, self.done, self.reason = self.text[:cut], True, "stop"
-            return ""
-        return self._release(len(self.text) - self.hold)
-
-    def finish(self) -> str:
-        """The rest of the text (an answer that ran out of tokens is flushed and checked for stops)."""
-        if not self.done:
-            self.text += self.decoder.flush()
-            cut = _find_stop(self.text, self.stop, self.emitted)
-            if cut is not None:
-                self.text, self.reason = self.text[:cut], "stop"
-            self.done = True
-        return self._release(len(self.text))
-
-    @property
-    def completion(self) -> Completion:
-        return Completion(self.text, self.ids, self.reason, self.prompt_tokens, self.image_tokens,
-                          self.context_limit)
 
 
 def load(model_dir: str | Path | None = None, dtype: str | torch.dtype = "bf16", device: str | None = None,

@@ -358,11 +358,11 @@ def test_gelu_tanh_is_correctly_rounded_and_matches_torch_where_torch_is():
 @needs_kernels
 def test_vision_tower_with_the_gelu_kernel_stays_bf16_close(monkeypatch):
     from dsvl2.config import VisionConfig
-    from dsvl2.model.init import init_random_
+    from dsvl2.model.init import FIXTURE_INIT, init_params_
     from dsvl2.model.vision import VisionTower
 
     tower = VisionTower(VisionConfig(image_size=56, patch_size=14, width=64, layers=2, heads=4, mlp_ratio=4.0))
-    init_random_(tower, seed=0)
+    init_params_(tower, 0, **FIXTURE_INIT)
     tower = tower.bfloat16().eval()
     tiles = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(1)).bfloat16()
     with torch.no_grad():

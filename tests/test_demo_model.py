@@ -120,7 +120,7 @@ def test_sincos_position_table_matches_the_formula_and_starts_the_vit():
     import math
 
     from dsvl2.demo.build import demo_config
-    from dsvl2.model.init import init_weights, sincos_2d
+    from dsvl2.model.init import init_params_, sincos_2d
     from dsvl2.model.vlm import DSVL2
 
     grid, width = 3, 8  # two frequencies per axis: 1 and 1 / 10000 ** 0.5 = 0.01
@@ -137,12 +137,12 @@ def test_sincos_position_table_matches_the_formula_and_starts_the_vit():
          "top_k": 2, "shared_experts": 1, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
          "v_head_dim": 8}
     model = DSVL2(demo_config(m, 64, 1, 2))
-    init_weights(model, 0.02, 0, pos_init="sincos", pos_scale=0.5)
+    init_params_(model, 0, std=0.02, pos_init="sincos", pos_scale=0.5)
     assert torch.equal(model.vision.pos_embed[0], 0.5 * sincos_2d(4, 16))
-    init_weights(model, 0.02, 0)  # default: N(0, std) like every other tensor
+    init_params_(model, 0, std=0.02)  # default: N(0, std) like every other tensor
     assert model.vision.pos_embed.std() < 0.05
     with pytest.raises(dsvl2.errors.DSVL2Error, match="pos_init = 'learned'"):
-        init_weights(model, 0.02, 0, pos_init="learned")
+        init_params_(model, 0, std=0.02, pos_init="learned")
 
 
 def test_recipe_candidates_become_tile_layouts_and_bad_ones_are_named():
@@ -213,7 +213,7 @@ def test_mimetic_attention_init_gives_the_target_products():
     """``attn_init = "mimetic"``: per head W_q^T W_k is the rank-d part of a Z + b I (so its trace is
     mostly b's), and W_proj W_v equals a' Z' - b' I exactly (full rank)."""
     from dsvl2.demo.build import demo_config
-    from dsvl2.model.init import init_weights
+    from dsvl2.model.init import init_params_
     from dsvl2.model.vlm import DSVL2
 
     m = {"tile": 56, "patch": 14, "vision_width": 32, "vision_layers": 2, "vision_heads": 2, "vision_mlp_ratio": 2.0,
@@ -221,7 +221,7 @@ def test_mimetic_attention_init_gives_the_target_products():
          "top_k": 2, "shared_experts": 1, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
          "v_head_dim": 8}
     model = DSVL2(demo_config(m, 64, 1, 2))
-    init_weights(model, 0.02, 0, pos_init="sincos", attn_init="mimetic")
+    init_params_(model, 0, std=0.02, pos_init="sincos", attn_init="mimetic")
     c, d = 32, 16
     for block in model.vision.blocks:
         w = block.attn.qkv.weight.detach()
@@ -233,7 +233,7 @@ def test_mimetic_attention_init_gives_the_target_products():
         off = vo + 0.4 * torch.eye(c)  # what is left is a' Z': mean ~0, std ~a' / sqrt(C)
         assert abs(off.mean()) < 0.02 and 0.5 < off.std() * c ** 0.5 / 0.4 < 1.5
     with pytest.raises(dsvl2.errors.DSVL2Error, match="attn_init = 'conv'"):
-        init_weights(model, 0.02, 0, attn_init="conv")
+        init_params_(model, 0, std=0.02, attn_init="conv")
 
 
 def test_build_scores_held_out_answers_by_the_evaluation_tasks_rule():

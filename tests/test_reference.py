@@ -29,14 +29,13 @@ import dataclasses
 
 import pytest
 import torch
-from torch import nn
 
 pytest.importorskip("transformers")
 
 from reference import adapters  # noqa: E402  (tests/ is on sys.path, as for golden_utils)
 
 from dsvl2.config import PRESETS, DSVL2Config  # noqa: E402
-from dsvl2.model.layers import RMSNorm  # noqa: E402
+from dsvl2.model.init import FIXTURE_INIT, init_params_  # noqa: E402
 from dsvl2.model.moe import Router  # noqa: E402
 from dsvl2.model.vlm import DSVL2  # noqa: E402
 
@@ -60,35 +59,11 @@ def config(image_size: int | None = None, **language) -> DSVL2Config:
     return cfg
 
 
-@torch.no_grad()
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial weights: N(0, 1/fan_in) matrices, norms 1 + N(0, 0.1), decisive routers, biased noaux."""
-    g = torch.Generator().manual_seed(seed)
-    norm_weights = {id(m.weight) for m in model.modules() if isinstance(m, (RMSNorm, nn.LayerNorm))}
-    routers = {id(m.weight) for m in model.modules() if isinstance(m, Router)}
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g)
-        if id(p) in norm_weights:
-            p.copy_(1 + 0.1 * noise)
-        elif id(p) in routers:
-            p.copy_(noise * ROUTER_GAIN / p.shape[-1] ** 0.5)
-        elif name.endswith("e_score_correction_bias"):
-            p.copy_(0.1 * noise)  # sigmoid scores live in (0, 1): this reorders some choices
-        elif name.endswith("embed_tokens.weight"):
-            p.copy_(noise)
-        elif p.ndim == 1:  # biases, image_newline, view_separator
-            p.copy_(0.1 * noise)
-        elif name == "vision.pos_embed":
-            p.copy_(0.5 * noise)
-        else:  # Linear (out, in), stacked experts (E, out, in), conv (out, 3, p, p)
-            fan_in = p.shape[-1] if p.ndim <= 3 else p[0].numel()
-            p.copy_(noise / fan_in ** 0.5)
-    return model
-
-
 def build(cfg: DSVL2Config, seed: int = 0) -> DSVL2:
     torch.manual_seed(seed)
-    return randomize(DSVL2(cfg), seed).float().eval()
+    # Non-trivial weights: the fixture recipe (N(0, 1/fan_in) matrices, q/k x2, norms 1 + N(0, 0.1), biased
+    # noaux), with decisive routers.
+    return init_params_(DSVL2(cfg), seed, **FIXTURE_INIT, router_gain=ROUTER_GAIN).float().eval()
 
 
 def causal(batch: int, t: int) -> torch.Tensor:

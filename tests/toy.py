@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from dsvl2.config import PRESETS, DSVL2Config
-from dsvl2.model.init import init_random_
+from dsvl2.model.init import FIXTURE_INIT, init_params_
 from dsvl2.model.vlm import DSVL2
 
 
@@ -27,7 +27,7 @@ def toy_config(variant: str = "mla") -> DSVL2Config:
 
 def toy_model(variant: str = "mla", seed: int = 0, dtype: torch.dtype = torch.float32) -> DSVL2:
     model = DSVL2(toy_config(variant))
-    init_random_(model, seed)
+    init_params_(model, seed, **FIXTURE_INIT)
     return model.to(dtype).eval()
 
 

@@ -8,7 +8,7 @@ import torch
 from dsvl2.config import PRESETS
 from dsvl2.demo.build import train_tokenizer
 from dsvl2.demo.tasks import write_dataset
-from dsvl2.model.init import init_weights
+from dsvl2.model.init import init_params_
 from dsvl2.model.vlm import DSVL2
 from dsvl2.processing.processor import Processor, ProcessorConfig
 from dsvl2.training.data import ConversationDataset, load_jsonl
@@ -31,7 +31,7 @@ def make_processor(directory: Path) -> Processor:
 def make_model(seed: int = 0, **lang) -> DSVL2:
     torch.manual_seed(seed)
     model = DSVL2(toy_config(**lang))
-    init_weights(model, 0.02, seed)
+    init_params_(model, seed, std=0.02)
     return model
 
 

@@ -128,7 +128,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         if args.preset not in PRESETS:
             raise InputError(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
-        from dsvl2.model.init import init_weights
+        from dsvl2.model.init import init_params_
 
         cfg = PRESETS[args.preset]
         tok = processor.tokenizer
@@ -137,7 +137,7 @@ def _train(args: argparse.Namespace) -> int:
             cfg.language_config, vocab_size=vocab, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
         torch.manual_seed(stage.seed)
         model = DSVL2(cfg)
-        init_weights(model, 0.02, stage.seed)
+        init_params_(model, stage.seed, std=0.02)
     if args.lora_r:
         targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
         apply_lora(model, targets, args.lora_r, args.lora_alpha or 2.0 * args.lora_r)

@@ -38,7 +38,7 @@ from dsvl2.config import DSVL2Config, LanguageConfig, ProjectorConfig, VisionCon
 from dsvl2.demo.tasks import (COLOURS, SHAPES, TASKS, Sample, eval_row, generate, load_words, make_reading,
                               make_sample)
 from dsvl2.errors import DSVL2Error, InputError
-from dsvl2.model.init import init_weights
+from dsvl2.model.init import init_params_
 from dsvl2.processing.grounding import format_det
 from dsvl2.processing.processor import Processor, ProcessorConfig
 from dsvl2.processing.tokenizer import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, SPECIAL_TOKENS, Tokenizer
@@ -333,8 +333,8 @@ def build(out: Path, work: Path, smoke: bool = False, workers: int = 1, eval_n: 
     processor = Processor(tokenizer, pcfg)
     torch.manual_seed(m["seed"])
     model = DSVL2(cfg)
-    init_weights(model, m["init_std"], m["seed"], m.get("pos_init", "normal"), m.get("pos_scale", 1.0),
-                 m.get("attn_init", "normal"))
+    init_params_(model, m["seed"], std=m["init_std"], pos_init=m.get("pos_init", "normal"),
+                 pos_scale=m.get("pos_scale", 1.0), attn_init=m.get("attn_init", "normal"))
     model.to(device)
     stages = [recipe["stages"][n] for n in (1, 2, 3)]
     t0 = time.time()

@@ -28,7 +28,8 @@ from typing import Any
 from ..errors import InputError
 from ..generation import scheduler
 from ..generation.generate import GenerateArgs
-from ..pipeline import Pipeline, TextStream
+from ..generation.text import TextStream
+from ..pipeline import Pipeline
 from ..processing.processor import Batch
 
 Event = tuple[str, Any]
