@@ -12,7 +12,10 @@ only) and ``fast`` (what ``dsvl2.load`` resolves there; on the portable machine 
 GEMMs for vision and prefill). Printed per row:
 - batch-1 decode tokens/s (rounds interleaved across plans, after warm-up steps) and its share of the
   bound of the weight dtype in use = read bandwidth (measured in the same process) / bytes read per token
-  (activated weights + the KV cache); the bf16 and int8 bounds of the same model are printed beside;
+  (activated weights + the KV cache); the bf16 and int8 bounds of the same model are printed beside, and
+  the share of the GEMV-streaming bound: the same bytes at the best GB/s a batch-1 bf16 GEMV streams here
+  (torch.mv or dsvl2's kernel over 1 GiB of 8192 x 1280 matrices), which on a 2-core VM is below the fp32
+  read bandwidth (one core streams ~12-15 GB/s);
 - vision (5 tiles) + prefill seconds under that plan, against the fp32 torch time of the same GEMM shapes
   (every linear and grouped-expert product that vision + prefill run, recorded by hooks, replayed as
   fp32 ``torch.matmul`` on random data): the target is <= 2x;
@@ -95,11 +98,27 @@ def fp32_gemm_seconds(shapes: list[tuple[int, int, int]]) -> float:
     return bench.best(run, 2)
 
 
+def gemv_streaming(threads: int) -> float:
+    """The fastest bf16 weight streaming a batch-1 GEMV reaches here: GB/s of decode-shaped GEMVs (8192 x 1280)
+    over 1 GiB of distinct weights, the best of torch.mv and dsvl2's kernel (the build this machine selects).
+    Decode is a chain of such GEMVs, so this, not the fp32 read bandwidth, is what batch-1 decode can reach."""
+    mv = bench._gemv("mv")
+    isa = cpu_kernels.host_isa()[0]
+    if isa is None:
+        return mv
+    n, k = 8192, 1280
+    ws = [torch.randn(n, k).bfloat16() for _ in range(bench.GIB // (2 * n * k))]
+    v = torch.randn(k).bfloat16()
+    ours = bench.GIB / bench.best(lambda: [cpu_kernels.gemv(w, v, isa) for w in ws], 3) / 1e9
+    return max(mv, ours)
+
+
 def child(a: argparse.Namespace) -> None:
     torch.set_num_threads(a.threads)
     quantize = None if a.child == "none" else a.child
     out: dict = {"quantize": a.child, "loadavg_start": os.getloadavg()[0]}
     out.update(bench._read_and_copy())
+    out["gemv_GBps"] = gemv_streaming(a.threads)
     pipe = bench.random_pipeline(a.preset, None, torch.bfloat16, torch.device("cpu"), None, quantize)
     model, lc = pipe.model, pipe.model.cfg.language_config
     conv = [{"role": "user", "content": "<image>\nWhich bar is the highest?", "images": [bench.sample_image()]}]
@@ -181,20 +200,23 @@ def main() -> None:
                                   env={**os.environ, **envs[machine]}).stdout
             res[machine, q] = json.loads(text.splitlines()[-1])
             r = res[machine, q]
-            print(f"{machine} {q}: fast plan = {r['plan']}; read {r['read_GBps']:.1f} GB/s; "
+            print(f"{machine} {q}: fast plan = {r['plan']}; read {r['read_GBps']:.1f} GB/s; best bf16 GEMV streaming "
+                  f"{r['gemv_GBps']:.1f} GB/s; "
                   f"{r['bytes_per_token'] / 1e9:.3f} GB read per token; vision {r['tiles']} tiles + prefill "
                   f"{r['prompt_tokens']} tokens = {r['gemm_count']} GEMMs, {r['fp32_gemm_s']:.1f} s in fp32 torch; "
                   f"loadavg {r['loadavg_start']:.2f} -> {r['loadavg_end']:.2f}", flush=True)
-    print("| machine | weights | plan | decode tok/s | bound (this dtype) | % of bound | bf16 bound | int8 bound | "
-          "vision+prefill s | / fp32 same-shape GEMMs |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| machine | weights | plan | decode tok/s | bound (this dtype) | % of bound | % of GEMV-streaming bound | "
+          "bf16 bound | int8 bound | vision+prefill s | / fp32 same-shape GEMMs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (machine, q), r in res.items():
         bound = r["read_GBps"] * 1e9 / r["bytes_per_token"]
         other = {k: res.get((machine, k)) for k in ("none", "int8")}
         b16, b8 = (o["read_GBps"] * 1e9 / o["bytes_per_token"] if o else float("nan") for o in other.values())
         for name, row in r["rows"].items():
+            gemv_bound = r["gemv_GBps"] * 1e9 / r["bytes_per_token"]
             print(f"| {machine} | {'bf16' if q == 'none' else q} | {name} | {row['decode_tok_s']:.2f} | {bound:.1f} | "
-                  f"{100 * row['decode_tok_s'] / bound:.0f} % | {b16:.1f} | {b8:.1f} | {row['vision_prefill_s']:.1f} | "
+                  f"{100 * row['decode_tok_s'] / bound:.0f} % | {100 * row['decode_tok_s'] / gemv_bound:.0f} % | "
+                  f"{b16:.1f} | {b8:.1f} | {row['vision_prefill_s']:.1f} | "
                   f"{row['vision_prefill_s'] / r['fp32_gemm_s']:.2f}x |")
     for machine in a.machines:
         if (machine, "int8") in res and (machine, "int4") in res:
