@@ -98,13 +98,14 @@ def test_not_used_with_autograd():
         assert not cpu_kernels.usable(ISA, x.detach(), torch.zeros(2, 8))  # fp32 weights (autocast): torch path
 
 
-@pytest.mark.parametrize(("variant", "int8", "kernels"), [
-    ("mla", False, ("gemv", "moe", "mla_decode")),
-    ("mha", False, ("gemv", "moe", "mha_decode")),
-    ("mla", True, ("gemm_int8", "moe_int8", "mla_decode")),
+@pytest.mark.parametrize(("variant", "mode", "kernels"), [
+    ("mla", None, ("gemv", "moe", "mla_decode")),
+    ("mha", None, ("gemv", "moe", "mha_decode")),
+    ("mla", "int8", ("gemm_int8", "moe_int8", "mla_decode")),
+    ("mha", "int4", ("gemm_int8", "moe_int8", "mha_decode", "mlp")),
 ])
 @needs_kernels
-def test_greedy_generation_is_unchanged(variant, int8, kernels, monkeypatch):
+def test_greedy_generation_is_unchanged(variant, mode, kernels, monkeypatch):
     calls = dict.fromkeys(kernels, 0)
     for name in calls:
         def counted(*args, _f=getattr(cpu_kernels, name), _n=name, **kw):
@@ -112,8 +113,8 @@ def test_greedy_generation_is_unchanged(variant, int8, kernels, monkeypatch):
             return _f(*args, **kw)
         monkeypatch.setattr(cpu_kernels, name, counted)
     model = toy_model(variant, seed=3, dtype=torch.bfloat16)
-    if int8:
-        quant.quantize_model_(model)
+    if mode:
+        quant.quantize_model_(model, mode)
     ids, mask, tiles, seq_mask, crop = toy_batch(model, seed=4, lengths=(20,))
     tiles = tiles.bfloat16()
     apply(model, FAST)
@@ -184,14 +185,26 @@ def test_int8_fused_experts_equal_the_torch_path(tokens):
     torch.testing.assert_close(fused.float(), plain.float(), rtol=2 ** -6, atol=2e-3)
 
 
+def _reference_plan(model: nn.Module, mode: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a fused decode step is compared with: the exact plan, or for int4 (whose kernels quantize the
+    activations to int8 per group, as torch's dequantized path does not) the kernel plan without the
+    fused steps: one quantized GEMV per projection, torch for the rest."""
+    if mode != "int4":
+        apply(model, EXACT)
+        return
+    apply(model, FAST)
+    for name in ("mha_decode", "mla_decode", "mlp"):
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, **k: None)
+
+
 @needs_kernels
-@pytest.mark.parametrize("int8", [False, True])
-def test_mha_decode_step_equals_the_sdpa_path(int8):
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_mha_decode_step_equals_the_sdpa_path(mode, monkeypatch):
     from dsvl2.model.cache import make_cache
 
     model = toy_model("mha", seed=5, dtype=torch.bfloat16)
-    if int8:
-        quant.quantize_model_(model)
+    if mode:
+        quant.quantize_model_(model, mode)
     lm = model.language.model
     attn, cfg = lm.layers[1].self_attn, model.cfg.language_config
     g = torch.Generator().manual_seed(9)
@@ -207,7 +220,7 @@ def test_mha_decode_step_equals_the_sdpa_path(int8):
         apply(model, FAST)
         fast = attn._kernel_step(x, cos, sin, None, caches[0])
         calls.append(fast is not None)
-        apply(model, EXACT)
+        _reference_plan(model, mode, monkeypatch)
         ref = attn.forward_expanded(x, cos, sin, None, caches[1])
     assert calls == [True] and fast.shape == ref.shape == (1, 1, cfg.hidden_size)
     torch.testing.assert_close(fast.float(), ref.float(), rtol=2 ** -6, atol=2e-3 * float(ref.abs().max()))
@@ -217,13 +230,13 @@ def test_mha_decode_step_equals_the_sdpa_path(int8):
 
 
 @needs_kernels
-@pytest.mark.parametrize("int8", [False, True])
-def test_mla_decode_step_equals_the_absorbed_path(int8):
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_mla_decode_step_equals_the_absorbed_path(mode, monkeypatch):
     from dsvl2.model.cache import make_cache
 
     model = toy_model("mla", seed=5, dtype=torch.bfloat16)
-    if int8:
-        quant.quantize_model_(model)
+    if mode:
+        quant.quantize_model_(model, mode)
     lm, cfg = model.language.model, model.cfg.language_config
     attn = lm.layers[1].self_attn
     caches = [make_cache(cfg, 1, 64, torch.bfloat16, "cpu") for _ in range(2)]
@@ -236,7 +249,7 @@ def test_mla_decode_step_equals_the_absorbed_path(int8):
     with torch.no_grad():
         apply(model, FAST)
         fast = attn._kernel_step(x, cos, sin, None, caches[0])
-        apply(model, EXACT)
+        _reference_plan(model, mode, monkeypatch)
         ref = attn(x, cos, sin, None, caches[1])  # the reference's absorbed decode path
     assert fast is not None and fast.shape == ref.shape == (1, 1, cfg.hidden_size)
     # the reference's rounding points, sums in another order: bf16-close (equal on this case for bf16)
@@ -261,28 +274,30 @@ def test_mha_decode_step_refuses_a_full_cache():
 
 
 @needs_kernels
-@pytest.mark.parametrize("int8", [False, True])
-def test_mlp_row_through_the_expert_kernel_equals_torch(int8):
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_mlp_row_through_the_expert_kernel_equals_torch(mode, monkeypatch):
     from dsvl2.model.layers import MLP
 
     torch.manual_seed(2)
     block = nn.Module()
-    block.mlp = MLP(96, 224).bfloat16()
-    if int8:
+    block.mlp = MLP(192, 320).bfloat16()  # int4: groups of 64 (3 and 5 a row)
+    if mode:
         for name in ("gate_proj", "up_proj", "down_proj"):
             lin = getattr(block.mlp, name)
-            q, s = quant.quantize_int8(lin.weight.detach())
-            new = quant.Int8Linear(lin.out_features, lin.in_features, torch.bfloat16, "cpu")
-            new.weight_int8.copy_(q), new.weight_scale.copy_(s)
+            q, s = quant.QUANTIZERS[mode](lin.weight.detach())
+            new = (quant.Int8Linear if mode == "int8" else quant.Int4Linear)(lin.out_features, lin.in_features,
+                                                                             torch.bfloat16, "cpu")
+            getattr(new, f"weight_{mode}").copy_(q), new.weight_scale.copy_(s)
             setattr(block.mlp, name, new)
-    x = torch.randn(1, 1, 96).bfloat16()
+    x = torch.randn(1, 1, 192).bfloat16()
     with torch.no_grad():
-        fast = apply(block, FAST).mlp(x)
-        ref = apply(block, EXACT).mlp(x)
-    assert fast.shape == ref.shape == (1, 1, 96)
+        assert cpu_kernels.mlp(apply(block, FAST).mlp, x) is not None  # the kernel applies
+        assert cpu_kernels.mlp(block.mlp, torch.randn(2, 192).bfloat16()) is None  # two rows: the torch path
+        fast = block.mlp(x)
+        _reference_plan(block, mode, monkeypatch)
+        ref = block.mlp(x)
+    assert fast.shape == ref.shape == (1, 1, 192)
     torch.testing.assert_close(fast.float(), ref.float(), rtol=2 ** -6, atol=2e-3 * float(ref.abs().max()))
-    with torch.no_grad():  # two rows: the torch path, untouched
-        assert cpu_kernels.mlp(apply(block, FAST).mlp, torch.randn(2, 96).bfloat16()) is None
 
 
 @needs_kernels

@@ -93,10 +93,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         "dsvl2_gemv_bf16": ([p, i64, i64, i64, p, p], None),
         "dsvl2_moe_bf16": ([p, i64, i64, p, p, p, i64, p, p, i64, p, p, p, p, p, p, i64, p, p], None),
         "dsvl2_gemm_int8": ([p, i64, i64, i64, p, p, i64, p, i64], None),
+        "dsvl2_gemm_q_f32": ([p, i64, i64, i64, p, p, i64, p, i64], None),
         "dsvl2_moe_int8": ([p, i64, i64, p, p, p, p, p, p, i64, p, p, i64, p, p, p, i64, i64], None),
-        "dsvl2_mha_decode": ([p, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, f32, p], None),
-        "dsvl2_mla_decode": ([p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, f32, p, p, p, p, p, p, p, i64, f32, p],
-                             None),
+        "dsvl2_mha_decode": ([p, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, f32, p, i64], None),
+        "dsvl2_mla_decode": ([p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, f32, p, p, p, p, p, p, p, i64, f32, p,
+                              i64, i64], None),
         "dsvl2_rmsnorm_bf16": ([p, i64, i64, p, f32, p], None),
         "dsvl2_router": ([p, i64, p, i64, i64, c_int, p, c_int, f32, p, p, p], None),
         "dsvl2_gelu_tanh_bf16": ([p, i64, p], None),
@@ -235,16 +236,20 @@ def _group(q: torch.Tensor, scale: torch.Tensor) -> int:
     return group
 
 
-def gemm_int8(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, isa: str | None = None) -> torch.Tensor:
+def gemm_int8(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, isa: str | None = None,
+              fp32: bool = False) -> torch.Tensor:
     """x (T, I) bf16 rows (decode batches: T <= MOE_MAX_TOKENS) -> (T, O) bf16, for int8 q (O, I) with row
-    scales (O,) bf16, or int4 q (O, I / 2) uint8 (quant.quantize_int4's packing) with scales (O, I / group)."""
+    scales (O,) bf16, or int4 q (O, I / 2) uint8 (quant.quantize_int4's packing) with scales (O, I / group).
+    ``fp32``: the sums before their bf16 rounding (tests hold them to the exact math)."""
     o, i = q.shape[0], x.shape[1]
     t = x.shape[0]
     group = _group(q, scale)
     assert q.stride(1) == 1 and scale.shape[0] == o and (q.shape[1] == i or 2 * q.shape[1] == i), (q.shape, x.shape)
-    y = torch.empty(t, o, dtype=torch.bfloat16)
-    load(isa or default_isa()).dsvl2_gemm_int8(q.data_ptr(), o, i, q.stride(0), scale.contiguous().data_ptr(),
-                                               x.contiguous().data_ptr(), t, y.data_ptr(), group)
+    y = torch.empty(t, o, dtype=torch.float32 if fp32 else torch.bfloat16)
+    lib = load(isa or default_isa())
+    fn = lib.dsvl2_gemm_q_f32 if fp32 else lib.dsvl2_gemm_int8
+    fn(q.data_ptr(), o, i, q.stride(0), scale.contiguous().data_ptr(), x.contiguous().data_ptr(), t, y.data_ptr(),
+       group)
     return y
 
 
@@ -272,8 +277,11 @@ def moe_int8(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor], up: tuple
 
 
 def _weight(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, row scales or None) of a bias-free linear the kernels can read, else None."""
+    """(weight, scales or None) of a bias-free linear the kernels can read (bf16, int8 with row scales, int4
+    with group scales), else None."""
     q = getattr(layer, "weight_int8", None)
+    if q is None:
+        q = getattr(layer, "weight_int4", None)
     if q is not None:
         scale = layer.weight_scale
         ok = q.is_contiguous() and scale.dtype == torch.bfloat16 and scale.is_contiguous()
@@ -285,16 +293,23 @@ def _weight(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] 
     return None
 
 
-def _weights(module: torch.nn.Module, names: tuple[str, ...]) -> list[int | None] | None:
-    """Data pointers ``[w0, scale0, w1, scale1, ...]`` (scale None for bf16) of the named linears, or None
-    if one of them cannot be read by the kernels."""
+def _weights(module: torch.nn.Module, names: tuple[str, ...]) -> tuple[list[int | None], int] | None:
+    """Data pointers ``[w0, scale0, w1, scale1, ...]`` (scale None for bf16) of the named linears and their
+    int4 group (0: bf16 or int8), or None if one of them cannot be read by the kernels or they mix int8
+    and int4 or two group sizes (the C step takes one group for them)."""
     ptrs: list[int | None] = []
+    groups = set()
     for name in names:
         found = _weight(getattr(module, name))
         if found is None:
             return None
-        ptrs += [found[0].data_ptr(), None if found[1] is None else found[1].data_ptr()]
-    return ptrs
+        w, scale = found
+        ptrs += [w.data_ptr(), None if scale is None else scale.data_ptr()]
+        if scale is not None:
+            groups.add(_group(w, scale))
+    if len(groups) > 1:
+        return None
+    return ptrs, groups.pop() if groups else 0
 
 
 def mha_decode(attention: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -307,9 +322,10 @@ def mha_decode(attention: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, s
     if not (usable(isa, x, k_buf, cos) and x.shape[:2] == (1, 1) and k_buf.shape[0] == 1 and k_buf.is_contiguous()
             and attention.head_dim <= 256):
         return None
-    ptrs = _weights(attention, ("q_proj", "k_proj", "v_proj", "o_proj"))
-    if ptrs is None:
+    found = _weights(attention, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    if found is None:
         return None
+    ptrs, group = found
     cache.check_room(1)
     d = x.shape[-1]
     _, h, max_len, hd = k_buf.shape
@@ -317,7 +333,7 @@ def mha_decode(attention: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, s
     out = torch.empty(1, 1, d, dtype=torch.bfloat16)
     load(isa).dsvl2_mha_decode(x.data_ptr(), d, h, hd, *ptrs, cos.data_ptr(), sin.data_ptr(),
                             k_buf.data_ptr(), v_buf.data_ptr(), max_len, cache.length, float(attention.scale_div),
-                            out.data_ptr())
+                            out.data_ptr(), group)
     return out
 
 
@@ -337,7 +353,7 @@ def mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     row = x.reshape(1, -1)
     if all(s is None for _, s in weights):
         out = moe(row, *(w[None] for w, _ in weights), *_ONE_SLOT, isa=isa)
-    elif all(s is not None for _, s in weights):
+    elif all(s is not None for _, s in weights) and len({w.dtype for w, _ in weights}) == 1:  # int8 or int4
         out = moe_int8(row, *((w[None], s[None]) for w, s in weights), *_ONE_SLOT, isa=isa)  # type: ignore[index]
     else:
         return None
@@ -372,17 +388,19 @@ def mla_decode(attention: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, s
             and latent.is_contiguous() and type(attention.kv_b_proj) is torch.nn.Linear and kvb.is_contiguous()
             and attention.rope <= 256):
         return None
-    ptrs = _weights(attention, ("q_proj", "kv_a_proj_with_mqa", "o_proj"))
-    if ptrs is None:
+    found, found_o = _weights(attention, ("q_proj", "kv_a_proj_with_mqa")), _weights(attention, ("o_proj",))
+    if found is None or found_o is None:
         return None
+    ptrs, group = found
+    ptrs_o, group_o = found_o
     cache.check_room(1)
     d = x.shape[-1]
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
     out = torch.empty(1, 1, d, dtype=torch.bfloat16)
     load(isa).dsvl2_mla_decode(x.data_ptr(), d, attention.heads, attention.nope, attention.rope,
-                            attention.v_dim, attention.rank, *ptrs[:4], norm.weight.data_ptr(), float(norm.eps),
-                            kvb.data_ptr(), *ptrs[4:], cos.data_ptr(), sin.data_ptr(), latent.data_ptr(),
-                            rope_key.data_ptr(), cache.length, float(attention.scale), out.data_ptr())
+                            attention.v_dim, attention.rank, *ptrs, norm.weight.data_ptr(), float(norm.eps),
+                            kvb.data_ptr(), *ptrs_o, cos.data_ptr(), sin.data_ptr(), latent.data_ptr(),
+                            rope_key.data_ptr(), cache.length, float(attention.scale), out.data_ptr(), group, group_o)
     return out
 
 

@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 void dsvl2_gemv_bf16(const uint16_t *W, int64_t O, int64_t I, int64_t ldw, const uint16_t *x, uint16_t *y);
-void dsvl2_gemm_int8(const int8_t *Q, int64_t O, int64_t I, int64_t ldq, const uint16_t *scale, const uint16_t *x, int64_t T, uint16_t *y);
+void dsvl2_gemm_int8(const void *Q, int64_t O, int64_t I, int64_t ldq, const uint16_t *scale, const uint16_t *x, int64_t T, uint16_t *y, int64_t group);
 void dsvl2_gelu_tanh_bf16(const uint16_t *x, int64_t n, uint16_t *y);
 void dsvl2_rmsnorm_bf16(const uint16_t *x, int64_t R, int64_t n, const uint16_t *w, float eps, uint16_t *y);
 void dsvl2_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const uint16_t *gate, const uint16_t *up, const uint16_t *down, int64_t I, const int64_t *idx, const float *w, int64_t K, uint16_t *h, float *y, uint16_t *out);
@@ -24,8 +24,19 @@ int main(void) {
     for (int i = 0; i < O; i++) sc[i] = bf(0.01f + 0.001f * i);
     dsvl2_gemv_bf16(W, O, I, I, x, y);
     for (int i = 0; i < O; i++) printf("gemv %.9g\n", fl(y[i]));
-    dsvl2_gemm_int8(Q, O, I, I, sc, x, 1, y);
+    dsvl2_gemm_int8(Q, O, I, I, sc, x, 1, y, 0);
     for (int i = 0; i < O; i++) printf("int8 %.9g\n", fl(y[i]));
+    for (int group = 32; group <= 64; group += 32) { /* int4: 1344 columns = 21 groups of 64 / 42 of 32 */
+        enum { I4 = 1344 };
+        uint8_t *Q4 = malloc(O * I4 / 2);
+        uint16_t s4[O * (I4 / 32)], x4[I4];
+        for (int i = 0; i < O * I4 / 2; i++) Q4[i] = (uint8_t)(rnd() * 128 + 128);
+        for (int i = 0; i < O * (I4 / group); i++) s4[i] = bf(0.01f + 0.0001f * i);
+        for (int i = 0; i < I4; i++) x4[i] = bf(rnd() * (1 + i % 7));
+        dsvl2_gemm_int8(Q4, O, I4, I4 / 2, s4, x4, 1, y, group);
+        for (int i = 0; i < O; i++) printf("int4 %.9g\n", fl(y[i]));
+        free(Q4);
+    }
     uint16_t g[2000], gy[2000];
     for (int i = 0; i < 2000; i++) g[i] = bf((i - 1000) / 80.0f);
     dsvl2_gelu_tanh_bf16(g, 2000, gy);
