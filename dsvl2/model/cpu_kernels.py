@@ -16,8 +16,9 @@ runs; ``$DSVL2_CPU_ISA`` (one of ``ISAS``) forces one, e.g. ``DSVL2_CPU_ISA=avx2
 path on an AVX512 machine (how CI exercises both).
 
 They round where the reference rounds but accumulate the dot products in another order (and int8
-quantizes the activations to int16, ~256x finer than their bf16 rounding), so results are bf16-close
-rather than bit-identical to the reference path.
+weights quantize the activations to int16, ~256x finer than their bf16 rounding; int4 weights to int8 per
+weight group, llama.cpp's Q4 x Q8 scheme), so results are bf16-close rather than bit-identical to the
+reference path.
 
 A build is compiled on first use with the system C compiler (``$CC``, default ``gcc``; about a second)
 into ``$DSVL2_CACHE_DIR`` (default ``~/.cache/dsvl2``), keyed by the source's hash and the flags. Used

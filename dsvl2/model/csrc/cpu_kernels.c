@@ -14,7 +14,8 @@
  *   avx2     -mavx2 -mfma -mf16c: everything in plain C that the compiler vectorises (bf16 widened to
  *            fp32 by a shift, FMA accumulation; int8 x int16 products summed in int32 by VPMADDWD);
  *   generic  no -m flag: the same plain C for the baseline ISA (x86-64 SSE2, arm64 NEON).
- * Only dot4() and dot4_i8() have an AVX512 form; every other line of math is shared by all builds.
+ * Only dot4() and dot4_i8() have an AVX512 form, and int4's dot4_q4() an AVX2 one (VPMADDUBSW; VPDPBUSD in
+ * the avx512 build) beside its plain C; every other line of math is shared by all builds.
  * Plain loops carry `omp simd reduction` so that the compiler may reorder their fp32 sums (vectorise).
  *
  * Rounding follows the reference's rounding points (each projection rounded to bf16, SiLU and the
