@@ -8,7 +8,7 @@ void dsvl2_gemv_bf16(const uint16_t *W, int64_t O, int64_t I, int64_t ldw, const
 void dsvl2_gemm_int8(const void *Q, int64_t O, int64_t I, int64_t ldq, const uint16_t *scale, const uint16_t *x, int64_t T, uint16_t *y, int64_t group);
 void dsvl2_gelu_tanh_bf16(const uint16_t *x, int64_t n, uint16_t *y);
 void dsvl2_rmsnorm_bf16(const uint16_t *x, int64_t R, int64_t n, const uint16_t *w, float eps, uint16_t *y);
-void dsvl2_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const uint16_t *gate, const uint16_t *up, const uint16_t *down, int64_t I, const int64_t *idx, const float *w, int64_t K, uint16_t *h, float *y, uint16_t *out);
+void dsvl2_moe_bf16(const uint16_t *x, int64_t T, int64_t D, const uint16_t *gate, const uint16_t *up, const uint16_t *down, int64_t I, const int64_t *idx, const float *w, int64_t K, uint16_t *h, float *y, uint16_t *out, const uint16_t *sgate, const uint16_t *sup, const uint16_t *sdown, int64_t Is, uint16_t *hs, float *ys);
 int dsvl2_build(void); int dsvl2_cpu_features(void);
 static uint32_t s = 12345;
 static float rnd(void) { s = s * 1664525u + 1013904223u; return ((s >> 8) / 16777216.0f) * 2.0f - 1.0f; }
@@ -50,7 +50,7 @@ int main(void) {
     for (int i = 0; i < 2 * D; i++) mx[i] = bf(rnd());
     int64_t idx[4] = {2, 0, 3, 2};
     float wt[4] = {0.6f, 0.4f, 0.7f, 0.3f}, yy[2 * 2 * D];
-    dsvl2_moe_bf16(mx, 2, D, gt, up, dn, F, idx, wt, 2, h, yy, out);
+    dsvl2_moe_bf16(mx, 2, D, gt, up, dn, F, idx, wt, 2, h, yy, out, NULL, NULL, NULL, 0, NULL, NULL);
     for (int i = 0; i < 2 * D; i++) printf("moe %.9g\n", fl(out[i]));
     return 0;
 }
