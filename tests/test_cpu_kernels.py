@@ -60,6 +60,29 @@ def test_fused_experts_equal_the_grouped_path(k, tokens):
 
 
 @needs_kernels
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_quantized_shared_experts_in_the_routed_call_equal_the_two_calls(tokens, mode):
+    """The same for int8 / int4 layers: routed experts (moe_int8) plus the shared MLP (mlp), bit for bit."""
+    from dsvl2.model.moe import MoE
+
+    model = quant.quantize_model_(toy_model("mla", seed=6, dtype=torch.bfloat16), mode)
+    layer = next(m for m in model.modules() if isinstance(m, MoE) and m.shared_experts is not None)
+    apply(model, FAST)
+    x = torch.randn(tokens, layer.cfg.hidden_size, generator=torch.Generator().manual_seed(tokens)).bfloat16()
+    with torch.no_grad():
+        idx, weight, _ = layer.gate(x)
+        one = cpu_kernels.moe_layer(layer, x, idx, weight)
+        routed = cpu_kernels.moe_int8(x, *layer.experts.pairs(), idx, weight)
+        shared = torch.stack([cpu_kernels.mlp(layer.shared_experts, row) for row in x])
+        layer.training = True  # the module's own path skips the fused call when training
+        apart = layer(x[None])[0]
+    assert one is not None and torch.equal(one, routed + shared)
+    if tokens == 1:
+        assert torch.equal(one, apart)
+
+
+@needs_kernels
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_shared_experts_in_the_routed_call_equal_the_two_calls(tokens):
     """moe_layer's one call (routed + shared experts) = the routed call plus the MLP call, added in bf16 as

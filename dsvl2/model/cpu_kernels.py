@@ -95,7 +95,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "dsvl2_moe_bf16": ([p, i64, i64, p, p, p, i64, p, p, i64, p, p, p, p, p, p, i64, p, p], None),
         "dsvl2_gemm_int8": ([p, i64, i64, i64, p, p, i64, p, i64], None),
         "dsvl2_gemm_q_f32": ([p, i64, i64, i64, p, p, i64, p, i64], None),
-        "dsvl2_moe_int8": ([p, i64, i64, p, p, p, p, p, p, i64, p, p, i64, p, p, p, i64, i64], None),
+        "dsvl2_moe_int8": ([p, i64, i64, p, p, p, p, p, p, i64, p, p, i64, p, p, p, i64, i64, p, p, p, p, p, p, i64,
+                            i64, p, p], None),
         "dsvl2_mha_decode": ([p, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, f32, p, i64], None),
         "dsvl2_mla_decode": ([p, i64, i64, i64, i64, i64, i64, p, p, p, p, p, f32, p, p, p, p, p, p, p, i64, f32, p,
                               i64, i64], None),
@@ -256,9 +257,10 @@ def gemm_int8(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, isa: str | 
 
 def moe_int8(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tensor, torch.Tensor],
              down: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, weight: torch.Tensor,
-             isa: str | None = None) -> torch.Tensor:
+             isa: str | None = None, shared: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
     """:func:`moe` with quantized experts: each projection a pair (q, scale) as :func:`gemm_int8`'s, stacked
-    over experts: int8 (E, O, I) with (E, O), or int4 (E, O, I / 2) with (E, O, I / group)."""
+    over experts: int8 (E, O, I) with (E, O), or int4 (E, O, I / 2) with (E, O, I / group). ``shared``: the
+    shared-experts MLP's (q, scale) of gate, up, down (2-D, quantized as the experts), added as in :func:`moe`."""
     t, d = x.shape
     i = gate[0].shape[1]
     k = idx.shape[1]
@@ -270,10 +272,19 @@ def moe_int8(x: torch.Tensor, gate: tuple[torch.Tensor, torch.Tensor], up: tuple
     h = torch.empty(t * k * i, dtype=torch.float32)
     y = torch.empty(t * k * d, dtype=torch.float32)
     out = torch.empty(t, d, dtype=torch.bfloat16)
+    sp: list[int | None] = [None] * 6
+    i_s = group_sdown = 0
+    if shared is not None:
+        pairs = [(q.contiguous(), s.contiguous()) for q, s in shared]
+        assert _group(*pairs[0]) == group and pairs[0][0].dtype == gq.dtype, "shared experts quantized as the routed"
+        sp = [a.data_ptr() for pair in pairs for a in pair]
+        i_s, group_sdown = pairs[0][1].shape[0], _group(*pairs[2])
+    hs = torch.empty(t * i_s, dtype=torch.float32)
+    ys = torch.empty(t * d if shared is not None else 0, dtype=torch.float32)
     load(isa or default_isa()).dsvl2_moe_int8(x.data_ptr(), t, d, gq.data_ptr(), gs.data_ptr(), uq.data_ptr(),
                                               us.data_ptr(), dq.data_ptr(), ds.data_ptr(), i, idx.data_ptr(),
                                               weight.data_ptr(), k, h.data_ptr(), y.data_ptr(), out.data_ptr(), group,
-                                              group_down)
+                                              group_down, *sp, i_s, group_sdown, hs.data_ptr(), ys.data_ptr())
     return out
 
 
@@ -364,17 +375,28 @@ def mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 def moe_layer(layer: torch.nn.Module, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """The routed experts and the shared-experts MLP of one :class:`~dsvl2.model.moe.MoE` layer for decode
     rows x (T, D) bf16 in one call (one parallel region instead of two), or None where it does not apply
-    (the caller then runs them apart): bf16 weights only, no shared experts, training, LoRA."""
+    (the caller then runs them apart): bf16 weights, or int8 / int4 ones for both (:func:`moe_int8`); not
+    without shared experts, in training, with LoRA."""
     experts, shared = layer.experts, layer.shared_experts
     isa = experts.plan.kernels
     if (shared is None or x.shape[0] > MOE_MAX_TOKENS or not usable(isa, x, experts.gate_proj)
             or parametrize.is_parametrized(experts)):
         return None
     weights = [_weight(getattr(shared, n)) for n in ("gate_proj", "up_proj", "down_proj")]
-    if any(w is None or w[1] is not None for w in weights):
+    if any(w is None for w in weights):
         return None
-    return moe(x, experts.gate_proj, experts.up_proj, experts.down_proj, idx, weight, isa,
-               shared=tuple(w for w, _ in weights))  # type: ignore[arg-type]
+    pairs = getattr(experts, "pairs", None)  # quantized experts (quant.Int8Experts / Int4Experts)
+    if pairs is None:
+        if any(s is not None for _, s in weights):
+            return None
+        return moe(x, experts.gate_proj, experts.up_proj, experts.down_proj, idx, weight, isa,
+                   shared=tuple(w for w, _ in weights))  # type: ignore[arg-type]
+    routed = pairs()
+    q0, s0 = routed[0]
+    if (any(s is None or q.dtype != q0.dtype for q, s in weights) or q0.device.type != "cpu"
+            or not usable(isa, x, s0) or _group(*weights[0]) != _group(q0, s0)):  # type: ignore[arg-type]
+        return None
+    return moe_int8(x, *routed, idx, weight, isa, shared=weights)  # type: ignore[arg-type]
 
 
 def mla_decode(attention: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -664,24 +664,40 @@ void dsvl2_gemm_q_f32(const void *Q, int64_t O, int64_t I, int64_t ldq, const ui
 /* dsvl2_moe_bf16 with quantized experts: gate/up (E, I, D) int8 with scales (E, I), down (E, D, I) int8
  * with scales (E, D) (groups 0), or int4 packed (E, I, D / 2), (E, D, I / 2) with scales (E, I, D / group),
  * (E, D, I / group_down); all bf16 scales; x (T, D) bf16. Scratch h (T*K*I) fp32, y (T*K*D) fp32. Rounding as
- * quant.QuantExperts: each projection rounded to bf16, SiLU and the product rounded to bf16. */
+ * quant.QuantExperts: each projection rounded to bf16, SiLU and the product rounded to bf16. With sgate !=
+ * NULL the layer's shared experts (quantized as the routed ones: sgate/sup (Is, D) with `group`, sdown (D, Is)
+ * with group_sdown; scratch hs (T*Is), ys (T*D) fp32) run in the same phases and are added as in
+ * dsvl2_moe_bf16: one parallel region per MoE layer. */
 void dsvl2_moe_int8(const uint16_t *x, int64_t T, int64_t D, const void *gate, const uint16_t *gate_s,
                     const void *up, const uint16_t *up_s, const void *down, const uint16_t *down_s,
                     int64_t I, const int64_t *idx, const float *w, int64_t K, float *h, float *y,
-                    uint16_t *out, int64_t group, int64_t group_down) {
+                    uint16_t *out, int64_t group, int64_t group_down, const void *sgate, const uint16_t *sgate_s,
+                    const void *sup, const uint16_t *sup_s, const void *sdown, const uint16_t *sdown_s, int64_t Is,
+                    int64_t group_sdown, float *hs, float *ys) {
     /* per expert: bytes of weights and number of scales of gate/up and of down */
-    int64_t gu_ld = group ? D / 2 : D, dn_ld = group_down ? I / 2 : I;
+    int64_t gu_ld = group ? D / 2 : D, dn_ld = group_down ? I / 2 : I, sdn_ld = group_sdown ? Is / 2 : Is;
     int64_t gu_ns = group ? I * (D / group) : I, dn_ns = group_down ? D * (I / group_down) : D;
     const uint8_t *gb = gate, *ub = up, *db = down;
     int64_t slots = T * K, igroups = (I + 3) / 4, dgroups = (D + 3) / 4;
-    qacts xq = qacts_new(T, D, group), hq = qacts_new(slots, I, group_down);
+    int64_t sgroups = sgate ? (Is + 3) / 4 : 0, sdgroups = sgate ? dgroups : 0, srows = sgate ? T : 0;
+    qacts xq = qacts_new(T, D, group), hq = qacts_new(slots, I, group_down), hsq = qacts_new(srows, Is, group_sdown);
     int64_t *order = malloc((size_t)(3 * slots + 1) * sizeof(int64_t)), *start = order + slots, *expert = start + slots + 1;
     int64_t groups = group_slots(idx, slots, order, start, expert);
     for (int64_t t = 0; t < T; t++) qacts_set(&xq, t, NULL, x + t * D);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int64_t job = 0; job < groups * igroups; job++) {
+        for (int64_t job = 0; job < groups * igroups + sgroups; job++) {
+            if (job >= groups * igroups) { /* shared experts: the same rows for every token */
+                int64_t r = (job - groups * igroups) * 4;
+                for (int64_t t = 0; t < T; t++) {
+                    float gg[4] = {0}, u[4] = {0};
+                    rows_q(sgate, gu_ld, sgate_s, &xq, t, r, Is, gg);
+                    rows_q(sup, gu_ld, sup_s, &xq, t, r, Is, u);
+                    for (int j = 0; j < 4 && r + j < Is; j++) hs[t * Is + r + j] = swiglu_bf16(gg[j], u[j]);
+                }
+                continue;
+            }
             int64_t g = job / igroups, r = (job % igroups) * 4, e = expert[g];
             for (int64_t i = start[g]; i < start[g + 1]; i++) {
                 int64_t s = order[i], t = s / K;
@@ -692,9 +708,21 @@ void dsvl2_moe_int8(const uint16_t *x, int64_t T, int64_t D, const void *gate, c
             }
         }
 #pragma omp for schedule(static)
-        for (int64_t s = 0; s < slots; s++) qacts_set(&hq, s, h + s * I, NULL);
+        for (int64_t s = 0; s < slots + srows; s++) {
+            if (s < slots) qacts_set(&hq, s, h + s * I, NULL);
+            else qacts_set(&hsq, s - slots, hs + (s - slots) * Is, NULL);
+        }
 #pragma omp for schedule(static)
-        for (int64_t job = 0; job < groups * dgroups; job++) {
+        for (int64_t job = 0; job < groups * dgroups + sdgroups; job++) {
+            if (job >= groups * dgroups) {
+                int64_t r = (job - groups * dgroups) * 4;
+                for (int64_t t = 0; t < T; t++) {
+                    float d[4] = {0};
+                    rows_q(sdown, sdn_ld, sdown_s, &hsq, t, r, D, d);
+                    for (int j = 0; j < 4 && r + j < D; j++) ys[t * D + r + j] = round_bf16(d[j]);
+                }
+                continue;
+            }
             int64_t g = job / dgroups, r = (job % dgroups) * 4, e = expert[g];
             for (int64_t i = start[g]; i < start[g + 1]; i++) {
                 int64_t s = order[i];
@@ -703,10 +731,11 @@ void dsvl2_moe_int8(const uint16_t *x, int64_t T, int64_t D, const void *gate, c
                 for (int j = 0; j < 4 && r + j < D; j++) y[s * D + r + j] = round_bf16(d[j]);
             }
         }
-        combine_slots(y, w, T, K, D, NULL, out);
+        combine_slots(y, w, T, K, D, sgate ? ys : NULL, out);
     }
     free(xq.s);
     free(hq.s);
+    free(hsq.s);
     free(order);
 }
 
