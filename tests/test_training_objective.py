@@ -162,7 +162,9 @@ def test_text_loss_and_gradients_match_transformers(flavour):
     for name, p in ref.named_parameters():
         g = mine["language." + name]
         assert p.grad is not None and p.grad.abs().max() > 0, name
-        torch.testing.assert_close(g, p.grad, atol=1e-6 * float(p.grad.abs().max()) + 1e-9, rtol=1e-4, msg=name)
+        # fp32 sums of the same products in other orders (other GEMM kernels: AVX512 or AVX2, ours or
+        # transformers' layouts): measured up to 1.0e-6 (AVX512) and 1.3e-6 (AVX2) of the largest entry
+        torch.testing.assert_close(g, p.grad, atol=3e-6 * float(p.grad.abs().max()) + 1e-9, rtol=1e-4, msg=name)
         compared += 1
     assert compared > 30
 
