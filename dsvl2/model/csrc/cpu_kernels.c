@@ -769,12 +769,6 @@ static inline float exp_neg(float x) {
  * softmax, probabilities rounded to bf16 for the product with v, fp32 sums, one bf16 rounding),
  * then the output projection. hd a multiple of 16, at most 256. Scratch: 4 * D bf16 + H * (pos + 1) fp32. */
 /* y = W x: bf16 W (s NULL), or quantized with scales s: int8 (group 0) or int4 in groups of `group`. */
-static void project(const void *W, const uint16_t *s, int64_t group, int64_t O, int64_t I, const uint16_t *x,
-                    uint16_t *y) {
-    if (s) dsvl2_gemm_int8(W, O, I, group ? I / 2 : I, s, x, 1, y, group);
-    else dsvl2_gemv_bf16((const uint16_t *)W, O, I, I, x, y);
-}
-
 static void rope(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t hd) {
     int64_t half = hd / 2;
     float rotated[hd];
@@ -794,7 +788,7 @@ static void rope(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t 
  * compute them. */
 static inline void project_rows(const void *W, const uint16_t *s, int64_t O, int64_t I, const uint16_t *x,
                                 const qacts *xq, int64_t r, uint16_t *y) {
-    float d[4];
+    float d[4] = {0};
     if (s) rows_q(W, xq->group ? I / 2 : I, s, xq, 0, r, O, d);
     else rows_f32((const uint16_t *)W, I, x, I, r, O, d);
     for (int j = 0; j < 4 && r + j < O; j++) y[r + j] = f32_to_bf16(d[j]);
@@ -902,18 +896,28 @@ void dsvl2_mla_decode(const uint16_t *x, int64_t D, int64_t H, int64_t nope, int
     uint16_t *q = malloc((size_t)(H * qd + R + rp + 2 * H * R + H * vd) * sizeof(uint16_t));
     uint16_t *a = q + H * qd, *qlat = a + R + rp, *olat = qlat + H * R, *o = olat + H * R;
     float *sc = malloc((size_t)(H * T + H * R) * sizeof(float)), *acc = sc + H * T;
-    project(wq, sq, group, H * qd, D, x, q);
-    project(wa, sa, group, R + rp, D, x, a);
-    float ss = 0.0f; /* kv_a_layernorm: fp32 statistics, rounded to bf16, then the bf16 weight multiply */
-    for (int64_t i = 0; i < R; i++) ss += bf16_to_f32(a[i]) * bf16_to_f32(a[i]);
-    float inv = 1.0f / sqrtf(ss / (float)R + eps);
-    for (int64_t i = 0; i < R; i++) a[i] = f32_to_bf16(bf16_to_f32(norm_w[i]) * round_bf16(bf16_to_f32(a[i]) * inv));
-    rope_interleaved(a + R, cos, sin, rp);
-    for (int64_t h = 0; h < H; h++) rope_interleaved(q + h * qd + nope, cos, sin, rp);
-    memcpy(lat_cache + pos * R, a, (size_t)R * sizeof(uint16_t));
-    memcpy(pe_cache + pos * rp, a + R, (size_t)rp * sizeof(uint16_t));
-#pragma omp parallel
+    qacts xq = qacts_new(1, D, group), oq = qacts_new(1, H * vd, group_o);
+    if (sq || sa) qacts_set(&xq, 0, NULL, x);
+    int64_t gq = (H * qd + 3) / 4, ga = (R + rp + 3) / 4, go = (D + 3) / 4;
+#pragma omp parallel /* one region, as dsvl2_mha_decode: each region wakes the second thread */
     {
+#pragma omp for schedule(static)
+        for (int64_t job = 0; job < gq + ga; job++) { /* the q and kv_a rows in one loop */
+            if (job < gq) project_rows(wq, sq, H * qd, D, x, &xq, job * 4, q);
+            else project_rows(wa, sa, R + rp, D, x, &xq, (job - gq) * 4, a);
+        }
+#pragma omp single
+        {
+            float ss = 0.0f; /* kv_a_layernorm: fp32 statistics, rounded to bf16, then the bf16 weight multiply */
+            for (int64_t i = 0; i < R; i++) ss += bf16_to_f32(a[i]) * bf16_to_f32(a[i]);
+            float inv = 1.0f / sqrtf(ss / (float)R + eps);
+            for (int64_t i = 0; i < R; i++)
+                a[i] = f32_to_bf16(bf16_to_f32(norm_w[i]) * round_bf16(bf16_to_f32(a[i]) * inv));
+            rope_interleaved(a + R, cos, sin, rp);
+            for (int64_t h = 0; h < H; h++) rope_interleaved(q + h * qd + nope, cos, sin, rp);
+            memcpy(lat_cache + pos * R, a, (size_t)R * sizeof(uint16_t));
+            memcpy(pe_cache + pos * rp, a + R, (size_t)rp * sizeof(uint16_t));
+        }
 #pragma omp for schedule(static)
         for (int64_t h = 0; h < H; h++) { /* q_lat[h] = q_nope[h] @ W_UK[h]: rows of kv_b_proj scaled and summed */
             float *ah = acc + h * R;
@@ -934,17 +938,23 @@ void dsvl2_mla_decode(const uint16_t *x, int64_t D, int64_t H, int64_t nope, int
         for (int64_t h = 0; h < H; h++) {
             float *sh = sc + h * T, m = -INFINITY, sum = 0.0f, *ah = acc + h * R;
             for (int64_t t = 0; t < T; t++) m = fmaxf(m, sh[t]);
-            for (int64_t t = 0; t < T; t++) sum += (sh[t] = expf(sh[t] - m));
+#pragma omp simd reduction(+ : sum)
+            for (int64_t t = 0; t < T; t++) sum += (sh[t] = exp_neg(sh[t] - m));
             memset(ah, 0, (size_t)R * sizeof(float));
             for (int64_t t = 0; t < T; t++) axpy_bf16(ah, round_bf16(sh[t] / sum), lat_cache + t * R, R);
             for (int64_t c = 0; c < R; c++) olat[h * R + c] = f32_to_bf16(ah[c]);
             for (int64_t j = 0; j < vd; j++) /* o[h] = o_lat[h] @ W_UV[h]^T */
                 o[h * vd + j] = f32_to_bf16(dot_bf16(olat + h * R, wkvb + (h * (nope + vd) + nope + j) * R, R));
         }
+#pragma omp single
+        if (so) qacts_set(&oq, 0, NULL, o);
+#pragma omp for schedule(static)
+        for (int64_t job = 0; job < go; job++) project_rows(wo, so, D, H * vd, o, &oq, job * 4, out);
     }
-    project(wo, so, group_o, D, H * vd, o, out);
     free(q);
     free(sc);
+    free(xq.s);
+    free(oq.s);
 }
 
 /* RMSNorm of R rows of n bf16 values, as layers.RMSNorm: fp32 statistics, x * rsqrt(mean(x^2) + eps)
